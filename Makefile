@@ -1,0 +1,36 @@
+# gradlab: `make repro` runs the DVC pipeline, `make test` the tests. Both install first if needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
+
+.PHONY: install repro test test-slow ui bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+repro: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+bench: $(STAMP)
+	$(PY) benchmarks/stabilizer_overhead.py
+
+clean:
+	rm -rf outputs multirun reports metrics models

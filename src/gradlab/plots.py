@@ -1,0 +1,115 @@
+"""Figures logged as run artifacts. Non-finite values are drawn, not dropped:
+NaN cells are grey and +inf cells dark red in the heatmap; in the norm plot a
+non-finite value is an 'x' on the top edge of the axes."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+
+def layer_heatmap(steps: Sequence[int], layers: List[str], grid: np.ndarray, path: Path,
+                  explosion_step: Optional[int] = None, title: str = "") -> Path:
+    """Per-layer gradient norms (rows: layers, columns: sampled steps), log colour scale."""
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.25 * len(layers) + 1.5)))
+    data = np.asarray(grid, dtype=float).T if len(steps) else np.zeros((len(layers), 1))
+    finite = data[np.isfinite(data) & (data > 0)]
+    vmin, vmax = (finite.min(), finite.max()) if finite.size else (1e-8, 1.0)
+    vmax = max(vmax, vmin * 10)
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("lightgrey")  # NaN (and zeros, which a log scale cannot show)
+    cmap.set_over("darkred")  # +inf
+    shown = np.where(np.isposinf(data), vmax * 10, data)
+    shown = np.ma.masked_where(~np.isfinite(shown) | (shown <= 0), shown)
+    x = np.asarray(steps) if len(steps) else np.zeros(1)
+    mesh = ax.pcolormesh(np.arange(len(x) + 1), np.arange(len(layers) + 1), shown, cmap=cmap,
+                         norm=LogNorm(vmin=vmin, vmax=vmax), shading="flat")
+    fig.colorbar(mesh, ax=ax, label="gradient L2 norm (log)", extend="max")
+    ax.set_yticks(np.arange(len(layers)) + 0.5)
+    ax.set_yticklabels(layers, fontsize=7)
+    ax.invert_yaxis()
+    ticks = np.linspace(0, len(x) - 1, min(len(x), 8)).astype(int)
+    ax.set_xticks(ticks + 0.5)
+    ax.set_xticklabels([str(int(x[t])) for t in ticks])
+    ax.set_xlabel("step")
+    if explosion_step is not None and len(steps):
+        col = int(np.searchsorted(x, explosion_step))
+        ax.axvline(col + 0.5, color="red", ls="--", lw=1, label=f"explosion flagged @ {explosion_step}")
+        ax.legend(loc="upper right", fontsize=7)
+    ax.set_title(title or "per-layer gradient norm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_with_nonfinite(ax, steps, values, **kw):
+    values = np.asarray(values, dtype=float)
+    ax.plot(steps, np.where(np.isfinite(values), values, np.nan), **kw)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        top = ax.get_ylim()[1]
+        ax.scatter(np.asarray(steps)[bad], np.full(bad.sum(), top), marker="x", color=kw.get("color", "k"),
+                   clip_on=False, zorder=5, label=f"{kw.get('label', '')} non-finite")
+
+
+def norm_history(steps, pre, post, coef, skipped, threshold, path: Path, max_norm: Optional[float] = None,
+                 explosion_step: Optional[int] = None, diverged_step: Optional[int] = None, title: str = "") -> Path:
+    """Global gradient norm before and after the stabilizers, with clip and skip events."""
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    steps = np.asarray(steps)
+    ax.set_yscale("log")
+    _plot_with_nonfinite(ax, steps, pre, color="tab:red", lw=0.8, label="grad/norm (before)")
+    _plot_with_nonfinite(ax, steps, post, color="tab:blue", lw=0.8, label="grad/norm_after")
+    thr = np.asarray(threshold, dtype=float)
+    if np.isfinite(thr).any():
+        ax.plot(steps, thr, color="tab:green", lw=0.8, ls=":", label="adaptive threshold")
+    if max_norm is not None:
+        ax.axhline(max_norm, color="tab:green", lw=0.8, ls="--", label=f"max_norm {max_norm:g}")
+    clipped = np.asarray(coef) < 1.0
+    if clipped.any():
+        ax.scatter(steps[clipped], np.asarray(post)[clipped], s=6, color="tab:orange", zorder=4,
+                   label=f"clipped ({clipped.sum()})")
+    skip = np.asarray(skipped) > 0.5
+    for s in steps[skip]:
+        ax.axvline(s, color="purple", alpha=0.35, lw=0.8)
+    if skip.any():
+        ax.plot([], [], color="purple", alpha=0.35, label=f"skipped ({skip.sum()})")
+    if explosion_step is not None:
+        ax.axvline(explosion_step, color="red", ls="--", lw=1, label=f"explosion flagged @ {explosion_step}")
+    if diverged_step is not None:
+        ax.axvline(diverged_step, color="black", ls="-", lw=1.2, label=f"diverged @ {diverged_step}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("global gradient L2 norm")
+    ax.set_title(title or "gradient norm before / after stabilizers")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    im = ax.imshow(matrix, cmap="Blues")
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            v = int(matrix[i, j])
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=6,
+                    color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_title(title or "test confusion matrix")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,365 @@
+"""Gradient-side remedies, applied between backward() and optimizer.step().
+
+Everything here stays on the device: thresholds, histories and skip decisions
+are tensors, so a stabilizer never forces a host sync. The formulas follow
+``shared/reference/stabilizers.md``; each class names its source.
+
+Non-finite gradients are not clipped into shape: the step is recorded, and the
+run is marked diverged unless ``spike_skip`` (or fp16's GradScaler) skipped it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import clip_grad_value_, clip_grads_with_norm_, get_total_norm
+
+EPS = 1e-6  # the denominator guard torch's clip_grad_norm_ uses
+
+
+def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients together, fused (one multi-tensor kernel)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+class RingBuffer:
+    """A bounded history on the device; pushes can be rejected by a device-side flag."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.size = size
+        self.values = torch.zeros(size, device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self._arange = torch.arange(size, device=device)
+
+    def push(self, x: torch.Tensor, accept: torch.Tensor) -> None:
+        idx = self.pos.view(1)
+        new = torch.where(accept, x.detach().float().view(1), self.values.index_select(0, idx))
+        self.values.index_copy_(0, idx, new)
+        self.pos.copy_(torch.where(accept, (self.pos + 1) % self.size, self.pos))
+        self.count.copy_(torch.where(accept, (self.count + 1).clamp(max=self.size), self.count))
+
+    def mean_std(self):
+        mask = self._arange < self.count
+        n = self.count.clamp(min=1).float()
+        mean = torch.where(mask, self.values, 0.0).sum() / n
+        var = torch.where(mask, (self.values - mean) ** 2, 0.0).sum() / n
+        return mean, var.sqrt()
+
+    def quantile(self, q: float) -> torch.Tensor:
+        """Linear-interpolated quantile of the stored values (numpy's default); inf when empty."""
+        ordered = torch.sort(torch.where(self._arange < self.count, self.values, float("inf"))).values
+        pos = q * (self.count - 1).clamp(min=0).float()
+        lo = pos.floor().long()
+        hi = torch.minimum(lo + 1, (self.count - 1).clamp(min=0))
+        a, b = ordered.gather(0, lo.view(1))[0], ordered.gather(0, hi.view(1))[0]
+        return torch.where(hi > lo, a + (pos - lo.float()) * (b - a), a)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"values": self.values.clone(), "count": self.count.clone(), "pos": self.pos.clone()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        for k in ("values", "count", "pos"):
+            getattr(self, k).copy_(state[k])
+
+
+@dataclass
+class GradStep:
+    """What one step's gradient pipeline saw and did (all device tensors)."""
+
+    loss: torch.Tensor
+    grads: List[torch.Tensor]
+    per_tensor: List[torch.Tensor]  # per-parameter L2 norms before any stabilizer
+    pre_norm: torch.Tensor
+    norm: Optional[torch.Tensor] = None  # current L2 norm; None once a transform made it stale
+    threshold: Optional[torch.Tensor] = None
+    skip: Optional[torch.Tensor] = None
+    modified: bool = False
+
+    def current_norm(self) -> torch.Tensor:
+        if self.norm is None:
+            self.norm = total_norm(self.grads)
+        return self.norm
+
+    def changed(self) -> None:
+        """Gradients changed non-uniformly: the cached norm is stale."""
+        self.norm, self.modified = None, True
+
+    def clipped_to(self, max_norm, norm: torch.Tensor) -> None:
+        """Gradients were scaled by clip_grads_with_norm_'s coefficient min(1, max/(norm+1e-6)):
+        the L2 norm scales by the same factor, so it is updated without another pass."""
+        coef = (max_norm / (norm + EPS)).clamp(max=1.0)
+        self.norm, self.modified = self.current_norm() * coef, True
+
+
+class Stabilizer:
+    """Base: a stateful transform of the gradients; state is saved with the checkpoint."""
+
+    name = "base"
+
+    def __init__(self, params: List[nn.Parameter], names: List[str], device: torch.device):
+        self.params, self.names, self.device = params, names, device
+
+    def apply(self, step: GradStep) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ClipNorm(Stabilizer):
+    """Global-norm clipping, exactly torch.nn.utils.clip_grad_norm_ (any p, inf included)."""
+
+    name = "clip"
+
+    def __init__(self, params, names, device, max_norm: float, norm_type: float):
+        super().__init__(params, names, device)
+        self.max_norm, self.norm_type = float(max_norm), float(norm_type)
+
+    def apply(self, step):
+        norm = step.current_norm() if self.norm_type == 2.0 else get_total_norm(step.grads, self.norm_type, foreach=True)
+        clip_grads_with_norm_(self.params, self.max_norm, norm, foreach=True)
+        step.clipped_to(self.max_norm, norm)
+
+
+class ClipValue(Stabilizer):
+    """Element-wise clamp to [-c, c] (changes the direction; Mikolov's RNNs used 15)."""
+
+    name = "clip_value"
+
+    def __init__(self, params, names, device, clip_value: float):
+        super().__init__(params, names, device)
+        self.clip_value = float(clip_value)
+
+    def apply(self, step):
+        clip_grad_value_(self.params, self.clip_value, foreach=True)
+        step.changed()
+
+
+class AGC(Stabilizer):
+    """Adaptive gradient clipping (Brock et al. 2021): per output unit,
+    G_i <- G_i * max_i / max(||G_i||, 1e-6) when ||G_i|| > max_i = clipping * max(||W_i||, eps)."""
+
+    name = "agc"
+
+    def __init__(self, params, names, device, clipping: float, eps: float, exclude: List[str]):
+        super().__init__(params, names, device)
+        prefixes = [("head." if e == "auto" else e) for e in exclude]
+        self.clipping, self.eps = float(clipping), float(eps)
+        self.targets = [p for p, n in zip(params, names) if not any(n.startswith(x) for x in prefixes)]
+
+    @staticmethod
+    def unit_norm(t: torch.Tensor) -> torch.Tensor:
+        if t.ndim <= 1:
+            return torch.linalg.vector_norm(t)
+        return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
+
+    def apply(self, step):
+        for p in self.targets:
+            w_norm = self.unit_norm(p.detach()).clamp(min=self.eps)
+            g_norm = self.unit_norm(p.grad)
+            max_norm = self.clipping * w_norm
+            coef = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=1e-6), 1.0)
+            p.grad.mul_(coef)
+        step.changed()
+
+
+class AutoClip(Stabilizer):
+    """AutoClip (Seetharaman et al. 2020): clip to the p-th percentile of the total norms seen
+    so far, the current one included, over a bounded window. Non-finite norms are not stored."""
+
+    name = "autoclip"
+
+    def __init__(self, params, names, device, percentile: float, window: int):
+        super().__init__(params, names, device)
+        self.q = float(percentile) / 100.0
+        self.history = RingBuffer(int(window), device)
+
+    def apply(self, step):
+        norm = step.current_norm()
+        self.history.push(norm, torch.isfinite(norm))
+        threshold = self.history.quantile(self.q)
+        clip_grads_with_norm_(self.params, threshold, norm, foreach=True)
+        step.clipped_to(threshold, norm)
+        step.threshold = threshold
+
+    def state_dict(self):
+        return self.history.state_dict()
+
+    def load_state_dict(self, state):
+        self.history.load_state_dict(state)
+
+
+class ZClip(Stabilizer):
+    """ZClip (Kumar et al. 2025). Warmup: collect ``warmup_steps`` norms (clip only at
+    ``max_grad_norm``), then mean/variance (population) seed the EMA. After it:
+    z = (g - mu) / (sigma + 1e-6); if z > z_thresh clip to mu + z_thresh^2 * sigma / z
+    (mode zscore) or to mu (mode mean). The EMA is updated with the clipped value:
+    mu <- a mu + (1-a) x;  var <- a var + (1-a) (x - mu)^2 (mu already updated, as the reference)."""
+
+    name = "zclip"
+
+    def __init__(self, params, names, device, warmup_steps: int, alpha: float, z_thresh: float,
+                 mode: str, max_grad_norm: Optional[float]):
+        super().__init__(params, names, device)
+        self.warmup_steps, self.alpha, self.z_thresh, self.mode = int(warmup_steps), float(alpha), float(z_thresh), mode
+        self.max_grad_norm = float("inf") if max_grad_norm is None else float(max_grad_norm)
+        self.warmup = RingBuffer(max(self.warmup_steps, 1), device)
+        self.mean = torch.zeros((), device=device)
+        self.var = torch.zeros((), device=device)
+        self.steps = 0  # host-side counter: known without a sync
+
+    def apply(self, step):
+        norm = step.current_norm()
+        finite = torch.isfinite(norm)
+        self.steps += 1
+        if self.steps <= self.warmup_steps:
+            self.warmup.push(norm, finite)
+            if self.steps == self.warmup_steps:
+                mean, std = self.warmup.mean_std()
+                self.mean.copy_(mean)
+                self.var.copy_(std ** 2)
+            threshold = torch.full((), self.max_grad_norm, device=self.device)
+        else:
+            std = self.var.sqrt()
+            z = (norm - self.mean) / (std + EPS)
+            if self.mode == "zscore":
+                target = self.mean + self.z_thresh ** 2 * std / z.clamp(min=EPS)
+            else:
+                target = self.mean
+            boundary = self.mean + self.z_thresh * std
+            threshold = torch.where(z > self.z_thresh, target, boundary).clamp(max=self.max_grad_norm)
+            clipped = torch.where(norm > threshold, threshold, norm)
+            new_mean = self.alpha * self.mean + (1 - self.alpha) * clipped
+            new_var = self.alpha * self.var + (1 - self.alpha) * (clipped - new_mean) ** 2
+            self.mean.copy_(torch.where(finite, new_mean, self.mean))
+            self.var.copy_(torch.where(finite, new_var, self.var))
+        clip_grads_with_norm_(self.params, threshold, norm, foreach=True)
+        step.clipped_to(threshold, norm)
+        step.threshold = threshold
+
+    def state_dict(self):
+        return {"warmup": self.warmup.state_dict(), "mean": self.mean.clone(), "var": self.var.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.warmup.load_state_dict(state["warmup"])
+        self.mean.copy_(state["mean"])
+        self.var.copy_(state["var"])
+        self.steps = int(state["steps"])
+
+
+class SpikeSkip(Stabilizer):
+    """Skip the update (OLMo-core style) when |x - mean| / std over the last ``window``
+    accepted steps exceeds ``threshold`` for the loss or the pre-stabilizer grad norm
+    (once ``min_history`` are stored), or when either is non-finite. Skipped values are
+    not added to the window. Decided on the device; applied by ``StabilizerStack.step``."""
+
+    name = "spike_skip"
+
+    def __init__(self, params, names, device, window: int, threshold: float, min_history: int):
+        super().__init__(params, names, device)
+        self.threshold, self.min_history = float(threshold), int(min_history)
+        self.losses = RingBuffer(int(window), device)
+        self.norms = RingBuffer(int(window), device)
+
+    def _z(self, buf: RingBuffer, x: torch.Tensor) -> torch.Tensor:
+        mean, std = buf.mean_std()
+        z = (x - mean).abs() / (std + 1e-12 * mean.abs() + 1e-30)
+        return torch.where(buf.count >= self.min_history, z, 0.0)
+
+    def apply(self, step):
+        loss, norm = step.loss.detach().float(), step.pre_norm
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        spike = (self._z(self.losses, loss) > self.threshold) | (self._z(self.norms, norm) > self.threshold)
+        skip = spike | ~finite
+        self.losses.push(loss, ~skip)
+        self.norms.push(norm, ~skip)
+        step.skip = skip if step.skip is None else (step.skip | skip)
+
+    def state_dict(self):
+        return {"losses": self.losses.state_dict(), "norms": self.norms.state_dict()}
+
+    def load_state_dict(self, state):
+        self.losses.load_state_dict(state["losses"])
+        self.norms.load_state_dict(state["norms"])
+
+
+REGISTRY = {cls.name: cls for cls in (ClipNorm, ClipValue, AGC, AutoClip, ZClip, SpikeSkip)}
+LR_SIDE = {"none", "warmup"}  # selectable in the stabilizer group, but not gradient transforms
+
+
+def selected_names(cfg_stabilizer) -> List[str]:
+    """The stabilizers the config selects, in the schema's order (``none`` selects nothing)."""
+    return [k for k, v in cfg_stabilizer.items() if v is not None and k != "none"]
+
+
+class StabilizerStack:
+    """Runs the selected gradient stabilizers in the schema's order; spike skipping and
+    update snapshots are applied around ``optimizer.step``."""
+
+    def __init__(self, cfg_stabilizer, model: nn.Module, device: torch.device):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.device = device
+        self.stabilizers: List[Stabilizer] = []
+        for name in selected_names(cfg_stabilizer):
+            if name in LR_SIDE:
+                continue
+            opts = dict(cfg_stabilizer[name])
+            self.stabilizers.append(REGISTRY[name](self.params, self.names, device, **opts))
+        self.skips = any(isinstance(s, SpikeSkip) for s in self.stabilizers)
+        self._stepped = False  # optimizer state exists only after the first real step
+
+    # -- gradients
+    def process(self, loss: torch.Tensor) -> GradStep:
+        grads = [p.grad for p in self.params]
+        per_tensor = torch._foreach_norm(grads)
+        pre = torch.linalg.vector_norm(torch.stack(per_tensor))
+        step = GradStep(loss=loss, grads=grads, per_tensor=per_tensor, pre_norm=pre, norm=pre)
+        for s in self.stabilizers:
+            s.apply(step)
+        return step
+
+    # -- the update
+    def _state_tensors(self, optimizer) -> List[torch.Tensor]:
+        out = []
+        for p in self.params:
+            out += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+        return out
+
+    def step(self, optimizer, step: GradStep, scaler=None, keep_old_params: bool = False):
+        """optimizer.step(), undone bit-for-bit where ``step.skip``; returns the old params
+        when ``keep_old_params`` (for update-to-weight ratios), else None."""
+        skip = step.skip
+        if skip is not None and not self._stepped and bool(skip):
+            # Before the first real step the optimizer has no state to restore, so this
+            # one decision is read on the host (once per run, not per step).
+            return [p.detach().clone() for p in self.params] if keep_old_params else None
+        self._stepped = True
+        state = self._state_tensors(optimizer) if skip is not None else []
+        tracked = self.params + state if skip is not None else (self.params if keep_old_params else [])
+        snaps = None
+        if tracked:
+            snaps = [t.detach().clone() for t in tracked]
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        if skip is not None:
+            for t, old in zip(tracked, snaps):
+                t.detach().copy_(torch.where(skip, old, t.detach()))
+        return snaps[: len(self.params)] if keep_old_params else None
+
+    def state_dict(self) -> dict:
+        return {s.name: s.state_dict() for s in self.stabilizers}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s in self.stabilizers:
+            if s.name in state:
+                s.load_state_dict(state[s.name])

@@ -1,0 +1,25 @@
+"""Train one model: `python src/train.py stabilizer=clip` (any Hydra override; -m for sweeps)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+
+from gradlab.config import register_configs, run_cli  # noqa: E402
+from gradlab.training import train  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg) -> float:
+    result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    state = "diverged at step %d" % result.diverged_at_step if result.diverged else "finished"
+    print(f"run {result.run_id} {state}: {result.steps} steps, val accuracy {result.val_accuracy:.4f}")
+    return result.val_accuracy
+
+
+if __name__ == "__main__":
+    run_cli(main)
