@@ -44,7 +44,7 @@ def evaluate(checkpoint: str | Path, metrics_file: Optional[str | Path] = None, 
     matrix = torch.bincount(labels * 10 + pred.cpu(), minlength=100).view(10, 10).numpy()
     result = {"test/accuracy": acc, "test/loss": loss, "diverged": state.get("diverged_at_step") is not None,
               "run_id": state["run_id"], "steps": state["step"]}
-    out_dir = Path(out_dir or Path(checkpoint).parent)
+    out_dir = Path(out_dir or (Path(metrics_file).parent if metrics_file else Path(checkpoint).parent))
     out_dir.mkdir(parents=True, exist_ok=True)
     image = plots.confusion_matrix(matrix, out_dir / "confusion_matrix.png",
                                    f"test confusion matrix (accuracy {acc:.4f})")

@@ -185,8 +185,10 @@ class Explosion:
 
 
 def detect_explosion(history: History, layers: List[str], factor: float, window: int) -> Explosion:
-    """Early warning: the global norm grew > ``factor`` within ``window`` steps; and which
-    layer's own norm crossed the same factor first (ties: the larger growth)."""
+    """Early warning: the global norm grew > ``factor`` within ``window`` steps. The first
+    layer is the one whose own norm crossed the same factor earliest (ties: larger growth);
+    if no single layer grew that much, the layer with the largest growth at the first
+    per-layer sample at or after the flagged step."""
     step, _ = _growth_crossing(np.asarray(history.steps), history.column("grad/norm"), factor, window)
     if step is None:
         return Explosion(None, None, None)
@@ -198,4 +200,14 @@ def detect_explosion(history: History, layers: List[str], factor: float, window:
             s, r = _growth_crossing(ls, grid[:, li], factor, window)
             if s is not None and (best[1] is None or s < best[1] or (s == best[1] and r > best[2])):
                 best = (name, s, r)
+        at = int(np.searchsorted(ls, step))
+        if best[0] is None and at < len(ls):
+            lo = int(np.searchsorted(ls, ls[at] - window))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                base = np.where(grid[lo:at + 1] > 0, grid[lo:at + 1], np.nan)
+                growth = grid[at] / np.nanmin(base, axis=0)
+            growth = np.where(np.isnan(growth), -np.inf, growth)
+            if np.isfinite(growth).any() or np.isposinf(growth).any():
+                li = int(np.argmax(growth))
+                best = (layers[li], int(ls[at]), float(growth[li]))
     return Explosion(step, best[0], best[1])

@@ -84,6 +84,14 @@ class RunLogger:
     def start(cls, uri: str, experiment: str, run_name: str, tags: Dict[str, str],
               parent_run_id: Optional[str] = None, run_id: Optional[str] = None) -> "RunLogger":
         client = ensure_store(uri)
+        if run_id is None and not parent_run_id:
+            # `mlflow run` pre-creates a run and passes its id; attach to it once (popped,
+            # so later jobs of a multirun get runs of their own)
+            run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+            if run_id is not None:
+                client.set_tag(run_id, "mlflow.runName", run_name)
+                for k, v in tags.items():
+                    client.set_tag(run_id, k, str(v))
         if run_id is not None:  # resume into the same run
             client.update_run(run_id, status="RUNNING")
             return cls(client, run_id)

@@ -1,0 +1,89 @@
+"""Step-time overhead of each stabilizer relative to `none`, measured side by side in one run.
+
+    python benchmarks/stabilizer_overhead.py [--models mlp cnn] [--steps 40] [--rounds 7] [--device auto]
+
+Each variant gets its own Trainer (same data, same model); the timed loop interleaves the
+variants round by round, so drift on a shared machine hits them all alike. Reported: the
+median over rounds of (variant's time per step / none's time per step in the same round).
+Prints a Markdown table (the one in the README).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from gradlab.config import register_configs  # noqa: E402
+from gradlab.training import Trainer  # noqa: E402
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+VARIANTS = ["none", "clip", "clip_value", "agc", "autoclip", "zclip", "spike_skip", "[warmup,clip]",
+            "[agc,zclip,spike_skip]"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per variant per round")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=128)
+    args = ap.parse_args()
+    register_configs()
+    tmp = tempfile.mkdtemp()
+    rows = []
+    with initialize_config_dir(CONF, version_base="1.3"):
+        for model in args.models:
+            trainers = {}
+            for v in VARIANTS:
+                cfg = compose("config", overrides=[
+                    f"model={model}", f"stabilizer={v}", "data=synthetic", "data.synthetic_size=4096",
+                    f"trainer.device={args.device}", f"trainer.batch_size={args.batch_size}",
+                    f"tracking.uri=sqlite:///{tmp}/bench.db", "telemetry.plots=false"])
+                t = Trainer(cfg, Path(tmp) / v)
+                x, y = next(t.train_data.shuffled_batches(args.batch_size, torch.randperm(len(t.train_data))))
+                for _ in range(30):  # warm up: allocator, optimizer state, adaptive histories
+                    t.step(x, y)
+                    if t.recorder.full:
+                        t.recorder.flush()
+                trainers[v] = (t, x, y)
+            ratios = {v: [] for v in VARIANTS}
+            base_ms = []
+            for _ in range(args.rounds):
+                per_step = {}
+                for v, (t, x, y) in trainers.items():
+                    sync(t.device)
+                    t0 = time.perf_counter()
+                    for _ in range(args.steps):
+                        t.step(x, y)
+                        if t.recorder.full:
+                            t.recorder.flush()  # the once-per-interval host copy is part of the cost
+                    sync(t.device)
+                    per_step[v] = (time.perf_counter() - t0) / args.steps
+                base_ms.append(per_step["none"] * 1000)
+                for v in VARIANTS:
+                    ratios[v].append(per_step[v] / per_step["none"])
+            device = next(iter(trainers.values()))[0].device
+            for v in VARIANTS:
+                rows.append((model, v, statistics.median(ratios[v]), statistics.median(base_ms), str(device)))
+    print(f"| model | stabilizer | step time vs none (median of {args.rounds} rounds) | none ms/step | device |")
+    print("|---|---|---|---|---|")
+    for model, v, r, base, dev in rows:
+        print(f"| {model} | {v} | {r:.3f}x | {base:.2f} | {dev} |")
+
+
+if __name__ == "__main__":
+    main()
