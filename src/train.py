@@ -7,13 +7,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 
-from gradlab.config import register_configs, run_cli  # noqa: E402
+from gradlab.config import register_configs, run_cli, task  # noqa: E402
 from gradlab.training import train  # noqa: E402
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@task
 def main(cfg) -> float:
     result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     state = "diverged at step %d" % result.diverged_at_step if result.diverged else "finished"

@@ -273,6 +273,12 @@ def describe_error(exc: BaseException) -> Optional[str]:
     while e is not None and e not in chain:
         chain.append(e)
         e = e.__cause__ or e.__context__
+    key = _override_into_null(chain)
+    if key is not None:
+        group, _, option = key.partition(".")
+        option = option.split(".")[0]
+        return (f"invalid config '{key}': '{group}.{option}' is not selected, so it has no keys to set "
+                f"(select it first, e.g. {group}=[...,{option}])")
     if not any(isinstance(e, (HydraException, OmegaConfBaseException, ConfigError)) for e in chain):
         return None
     for e in chain:  # the most precise message names the full key
@@ -285,8 +291,56 @@ def describe_error(exc: BaseException) -> Optional[str]:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if any(ln.startswith("Available options") for ln in lines):
         idx = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
-        return f"{lines[0]} (available: {', '.join(lines[idx + 1:])})"
+        opts = []
+        for ln in lines[idx + 1:]:
+            if ln.startswith("Config search path"):  # Hydra appends its search path after the options
+                break
+            opts.append(ln)
+        return f"{lines[0]} (available: {', '.join(opts)})"
     return " ".join(lines[:2])
+
+
+def _override_into_null(chain) -> Optional[str]:
+    """The key of a command-line override that Hydra tried to merge into a null node
+    (e.g. ``stabilizer.clip.max_norm=2`` without selecting ``clip``). OmegaConf reports this
+    with a bare AssertionError; the override is read from Hydra's frame that applied it."""
+    for e in chain:
+        if not isinstance(e, AssertionError):
+            continue
+        tb = e.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == "_apply_overrides_to_config":
+                key = tb.tb_frame.f_locals.get("key")
+                return str(key) if key else None
+            tb = tb.tb_next
+    return None
+
+
+def fail(line: str, code: int) -> None:
+    print(f"gradlab: {line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def task(fn):
+    """Decorate a Hydra task: config errors raised while it runs exit 2 and data errors
+    exit 1, each as one line (Hydra would otherwise print its own wrapper first)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(cfg):
+        from .data import DataError
+
+        try:
+            return fn(cfg)
+        except DataError as exc:
+            fail(str(exc), 1)
+        except Exception as exc:  # noqa: BLE001
+            line = describe_error(exc)
+            if line is None:
+                raise
+            fail(line, 2)
+
+    return wrapper
 
 
 def run_cli(main_fn) -> None:
@@ -302,5 +356,4 @@ def run_cli(main_fn) -> None:
         line = describe_error(exc)
         if line is None:
             raise
-        print(f"gradlab: {line}", file=sys.stderr)
-        sys.exit(2)
+        fail(line, 2)

@@ -55,6 +55,7 @@ def evaluate(checkpoint: str | Path, metrics_file: Optional[str | Path] = None, 
     run.close("FINISHED")
     if metrics_file:
         Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(metrics_file).write_text(json.dumps({"test": {"accuracy": acc, "loss": loss}, "run_id": state["run_id"],
+        finite = lambda v: v if np.isfinite(v) else None  # noqa: E731 - strict JSON has no NaN
+        Path(metrics_file).write_text(json.dumps({"test": {"accuracy": acc, "loss": finite(loss)}, "run_id": state["run_id"],
                                                   "diverged": result["diverged"], "steps": state["step"]}, indent=2) + "\n")
     return result

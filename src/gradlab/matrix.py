@@ -1,0 +1,302 @@
+"""The benchmark matrix: scenarios x stabilizers x seeds, one MLflow parent run.
+
+The matrix is defined under ``matrix:`` in ``params.yaml``::
+
+    matrix:
+      experiment: gradlab-matrix
+      scenarios: [explode_deep_mlp, explode_rnn, explode_high_lr]   # experiment presets
+      stabilizers: [none, clip, "[warmup,clip]"]                     # stabilizer group choices
+      seeds: [0, 1, 2]
+      overrides: [trainer.deterministic=true]                         # Hydra overrides for every run
+      jobs: 1                                                         # parallel training processes
+
+A scenario is a preset name (``experiment=<name>``) or a mapping
+``{name: rnn_pixels, experiment: explode_rnn, overrides: [data.sequence=pixels]}``
+(the runs are then tagged ``scenario=rnn_pixels``). A stabilizer is an option of the
+``stabilizer`` group, a Hydra list string ``"[warmup,clip]"``, or a YAML list ``[warmup, clip]``.
+
+Every run's config is composed with Hydra's compose API from
+``experiment=<scenario> stabilizer=<...> seed=<s> <overrides...>`` plus
+``tracking.parent_run_id=<parent> tracking.experiment=<experiment> ++tracking.tags.matrix=<parent>``,
+then trained with :func:`gradlab.training.train` and evaluated on the test split with
+:func:`gradlab.evaluation.evaluate`, both in-process. The run ids go to
+``reports/matrix_runs.json`` for ``pipelines/compare.py``.
+
+Why an in-process loop (and not DVC matrix stages or a Hydra multirun)
+----------------------------------------------------------------------
+* **One parent run, one store set-up.** The loop creates/upgrades the MLflow store once,
+  opens the parent run, and hands its id to every child. DVC ``matrix:`` stages would be
+  72 independent stages with no place to create the parent first or to collect the run ids
+  afterwards (each stage would need its own output file and a gather stage); a Hydra
+  multirun can nest the runs only if something outside it creates the parent first.
+* **Train *and* evaluate per run.** Each combination is ``train()`` then ``evaluate()`` on
+  the checkpoint; a Hydra sweep runs one task function per job, so the evaluation would need
+  a second sweep or a second entry point.
+* **Cheap per run.** Composing a config costs milliseconds; starting a Python process that
+  imports torch and MLflow costs seconds. With ~400-step runs on a 2-core CPU the
+  per-process start-up of a multirun or of 72 DVC stages is a noticeable share of the time.
+* **One DVC stage, one cache decision.** ``params.yaml``'s ``matrix`` key is the single
+  user-editable definition; DVC re-runs the matrix when it (or the code/data) changes and
+  the report stage when the run list changes. DVC matrix stages would re-run single cells
+  selectively, but they also cache per cell and fragment the MLflow bookkeeping.
+* **Parallelism is optional**: ``jobs: N`` runs the combinations in N worker processes
+  (joblib/loky, ``torch`` threads split between them); the store is created before the
+  workers start, so they never race on SQLite migrations. The default ``jobs: 1`` uses
+  both cores for one run at a time, which on a 2-core CPU is as fast as two 1-thread jobs
+  and keeps the run-to-run arithmetic (thread count) fixed, so seeds reproduce exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+
+from .config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = ROOT / "conf"
+DEFAULT_EXPERIMENT = "gradlab-matrix"
+
+
+# ---------------------------------------------------------------- config composition
+def compose_config(overrides: Sequence[str]):
+    """The run config for ``overrides``, composed with Hydra's compose API from ``conf/``.
+
+    Raises Hydra/OmegaConf errors (which :func:`gradlab.config.describe_error` turns
+    into one line) for unknown keys, options or wrong types, and ConfigError for values
+    that type-check but make no sense.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .config import check, register_configs
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra app
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="gradlab"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    check(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- the matrix definition
+@dataclass
+class Scenario:
+    name: str  # the scenario tag the runs get
+    overrides: List[str]
+
+
+@dataclass
+class Combination:
+    index: int
+    scenario: Scenario
+    stabilizer: str  # the stabilizer=... override value, e.g. clip or [warmup,clip]
+    seed: int
+
+    @property
+    def overrides(self) -> List[str]:
+        return [*self.scenario.overrides, f"stabilizer={self.stabilizer}", f"seed={self.seed}"]
+
+    def describe(self) -> str:
+        return f"{self.scenario.name} stabilizer={self.stabilizer} seed={self.seed}"
+
+
+@dataclass
+class MatrixSpec:
+    experiment: str = DEFAULT_EXPERIMENT
+    scenarios: List[Scenario] = field(default_factory=list)
+    stabilizers: List[str] = field(default_factory=lambda: ["none"])
+    seeds: List[int] = field(default_factory=lambda: [0])
+    overrides: List[str] = field(default_factory=list)
+    jobs: int = 1
+
+    def combinations(self) -> List[Combination]:
+        out = []
+        for sc in self.scenarios:
+            for st in self.stabilizers:
+                for seed in self.seeds:
+                    out.append(Combination(len(out), sc, st, seed))
+        return out
+
+
+def _stabilizer_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(str(v).strip() for v in value) + "]"
+    text = str(value).strip()
+    if not text:
+        raise ConfigError("matrix.stabilizers", "empty entry")
+    return text
+
+
+def _scenario(value: Any) -> Scenario:
+    if isinstance(value, str):
+        return Scenario(value, [f"experiment={value}"])
+    if isinstance(value, dict) and "name" in value:
+        extra = value.get("overrides") or []
+        if isinstance(extra, str):
+            extra = extra.split()
+        preset = value.get("experiment")
+        base = [f"experiment={preset}"] if preset else []
+        return Scenario(str(value["name"]), [*base, *map(str, extra), f"scenario={value['name']}"])
+    raise ConfigError("matrix.scenarios", f"entry {value!r} is neither a preset name nor "
+                                          "{name: ..., experiment: ..., overrides: [...]}")
+
+
+def _overrides(value: Any, key: str) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    raise ConfigError(key, f"expected a list of Hydra overrides, got {value!r}")
+
+
+def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
+    known = {"experiment", "scenarios", "stabilizers", "seeds", "overrides", "jobs"}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"matrix.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+    scenarios = d.get("scenarios") or []
+    if not scenarios:
+        raise ConfigError("matrix.scenarios", "needs at least one scenario")
+    seeds = d.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError("matrix.seeds", f"expected a list of integers, got {d.get('seeds')!r}")
+    stabilizers = d.get("stabilizers") or ["none"]
+    jobs = d.get("jobs", 1) or 1
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError("matrix.jobs", f"must be an integer >= 1, got {jobs!r}")
+    return MatrixSpec(experiment=str(d.get("experiment") or DEFAULT_EXPERIMENT),
+                      scenarios=[_scenario(s) for s in scenarios],
+                      stabilizers=[_stabilizer_value(s) for s in stabilizers],
+                      seeds=seeds, overrides=_overrides(d.get("overrides"), "matrix.overrides"), jobs=jobs)
+
+
+def load_spec(params_file: str | Path = "params.yaml") -> MatrixSpec:
+    path = Path(params_file)
+    if not path.exists():
+        raise ConfigError("matrix", f"{path} not found")
+    params = yaml.safe_load(path.read_text()) or {}
+    if "matrix" not in params:
+        raise ConfigError("matrix", f"no 'matrix:' key in {path}")
+    return spec_from_dict(params["matrix"] or {})
+
+
+# ---------------------------------------------------------------- running
+def _finite(x: Optional[float]) -> Optional[float]:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, parent_run_id: str,
+            uri: str, workdir: str, threads: Optional[int] = None, log: Callable[[str], None] = print) -> Dict:
+    """Train + evaluate one combination; returns its record (never raises for a failed run)."""
+    from .evaluation import evaluate
+    from .training import train
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    record: Dict[str, Any] = {"index": combo.index, "scenario": combo.scenario.name, "stabilizer": combo.stabilizer,
+                              "seed": combo.seed, "overrides": [*combo.overrides, *spec_overrides]}
+    try:
+        cfg = compose_config([*combo.overrides, *spec_overrides,
+                              f"tracking.parent_run_id='{parent_run_id}'",
+                              f"++tracking.tags.matrix='{parent_run_id}'"])
+        out_dir = Path(workdir) / f"run{combo.index:03d}"
+        # paths, the URI and the experiment name are set on the composed config: no quoting trouble with odd characters
+        OmegaConf.update(cfg, "trainer.checkpoint", str(out_dir / "model.pt"))
+        OmegaConf.update(cfg, "tracking.uri", uri)
+        OmegaConf.update(cfg, "tracking.experiment", experiment)
+        result = train(cfg, out_dir)
+        record.update(run_id=result.run_id, steps=result.steps, diverged=result.diverged,
+                      diverged_at_step=result.diverged_at_step, explosion_step=result.explosion_step,
+                      val_accuracy=_finite(result.val_accuracy))
+        ev = evaluate(result.checkpoint, None, device=cfg.trainer.device, tracking_uri=uri, out_dir=out_dir)
+        record["test_accuracy"] = _finite(ev["test/accuracy"])
+        record["status"] = "FINISHED"
+    except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the other runs
+        record["status"] = "FAILED"
+        record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    finally:
+        record["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    return record
+
+
+def _line(rec: Dict, total: int) -> str:
+    head = f"[{rec['index'] + 1}/{total}] {rec['scenario']} stabilizer={rec['stabilizer']} seed={rec['seed']}:"
+    if rec["status"] != "FINISHED":
+        return f"{head} FAILED ({rec.get('error')})"
+    state = f"diverged at step {rec['diverged_at_step']}" if rec["diverged"] else f"{rec['steps']} steps"
+    acc = rec.get("test_accuracy")
+    return f"{head} {state}, test accuracy {acc:.4f} ({rec['wall_seconds']:.1f}s)" if acc is not None else \
+        f"{head} {state}, test accuracy n/a ({rec['wall_seconds']:.1f}s)"
+
+
+def run_matrix(spec: MatrixSpec, out_file: str | Path = "reports/matrix_runs.json", uri: Optional[str] = None,
+               jobs: Optional[int] = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Dict:
+    """Run every combination under one parent run; write and return the run list."""
+    from .callbacks import prepare_store
+    from .tracking import RunLogger, git_commit
+
+    combos = spec.combinations()
+    # fail on a bad definition before anything runs (and before any MLflow run exists)
+    for combo in combos:
+        compose_config([*combo.overrides, *spec.overrides])
+    uri = prepare_store(uri, spec.experiment)  # once, before any (parallel) job touches the store
+    jobs = max(1, jobs or spec.jobs)
+    parent = RunLogger.start(uri, spec.experiment, f"matrix-{time.strftime('%Y%m%d-%H%M%S')}",
+                             {"kind": "matrix", "git_commit": git_commit()})
+    parent.log_params({"scenarios": json.dumps([s.name for s in spec.scenarios]),
+                       "stabilizers": json.dumps(spec.stabilizers), "seeds": json.dumps(spec.seeds),
+                       "overrides": json.dumps(spec.overrides), "jobs": str(jobs), "n_runs": str(len(combos))})
+    log(f"matrix: {len(combos)} runs ({len(spec.scenarios)} scenarios x {len(spec.stabilizers)} stabilizers x "
+        f"{len(spec.seeds)} seeds), parent run {parent.run_id} in experiment '{spec.experiment}', {uri}")
+    t0 = time.perf_counter()
+    records: List[Dict] = []
+    status = "FAILED"
+    try:
+        with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
+            args = (spec.overrides, spec.experiment, parent.run_id, uri, workdir)
+            if jobs == 1:
+                for combo in combos:
+                    records.append(run_one(combo, *args))
+                    log(_line(records[-1], len(combos)))
+            else:
+                from joblib import Parallel, delayed
+
+                threads = max(1, (os.cpu_count() or 1) // jobs)
+                for rec in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
+                        delayed(run_one)(c, *args, threads) for c in combos):
+                    records.append(rec)
+                    log(_line(rec, len(combos)))
+        records.sort(key=lambda r: r["index"])
+        failed = [r for r in records if r["status"] != "FINISHED"]
+        wall = time.perf_counter() - t0
+        parent.log_metrics({"runs/finished": len(records) - len(failed), "runs/failed": len(failed),
+                            "runs/diverged": sum(bool(r.get("diverged")) for r in records),
+                            "time/matrix_s": wall}, step=0, timestamp_ms=int(time.time() * 1000))
+        result = {"parent_run_id": parent.run_id, "experiment": spec.experiment, "tracking_uri": uri,
+                  "run_ids": [r["run_id"] for r in records if r.get("run_id") and r["status"] == "FINISHED"],
+                  "failed": failed, "wall_seconds": round(wall, 1), "runs": records}
+        out = Path(out_file)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        status = "FINISHED" if not failed else "FAILED"
+        log(f"matrix: {len(records) - len(failed)}/{len(records)} runs finished in {wall:.0f}s -> {out}")
+        return result
+    finally:
+        parent.close(status)
