@@ -22,9 +22,8 @@ def layer_heatmap(steps: Sequence[int], layers: List[str], grid: np.ndarray, pat
     finite = data[np.isfinite(data) & (data > 0)]
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (1e-8, 1.0)
     vmax = max(vmax, vmin * 10)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")  # NaN (and zeros, which a log scale cannot show)
-    cmap.set_over("darkred")  # +inf
+    # grey: NaN (and zeros, which a log scale cannot show); dark red: +inf
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey", over="darkred")
     shown = np.where(np.isposinf(data), vmax * 10, data)
     shown = np.ma.masked_where(~np.isfinite(shown) | (shown <= 0), shown)
     x = np.asarray(steps) if len(steps) else np.zeros(1)
@@ -53,10 +52,10 @@ def _plot_with_nonfinite(ax, steps, values, **kw):
     values = np.asarray(values, dtype=float)
     ax.plot(steps, np.where(np.isfinite(values), values, np.nan), **kw)
     bad = ~np.isfinite(values)
-    if bad.any():
-        top = ax.get_ylim()[1]
-        ax.scatter(np.asarray(steps)[bad], np.full(bad.sum(), top), marker="x", color=kw.get("color", "k"),
-                   clip_on=False, zorder=5, label=f"{kw.get('label', '')} non-finite")
+    if bad.any():  # on the top edge, whatever the y-limits end up being (x: data, y: axes fraction)
+        ax.scatter(np.asarray(steps)[bad], np.ones(bad.sum()), marker="x", color=kw.get("color", "k"),
+                   transform=ax.get_xaxis_transform(), clip_on=False, zorder=5,
+                   label=f"{kw.get('label', '')} non-finite")
 
 
 def norm_history(steps, pre, post, coef, skipped, threshold, path: Path, max_norm: Optional[float] = None,

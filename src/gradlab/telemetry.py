@@ -1,14 +1,18 @@
 """Per-step gradient telemetry: recorded on the device, copied to the host once per interval.
 
 Each step writes one row of device scalars (loss, pre/post norm, clip coefficient,
-skipped flag, adaptive threshold) into a preallocated buffer; every
-``telemetry.layer_every`` steps the row also carries per-layer gradient norms and
-update-to-weight ratios. ``flush()`` copies the filled rows to the host in one
-transfer; everything after that (divergence, explosion warning, plots) is numpy.
+skipped flag, adaptive threshold) and the per-layer gradient norms into a
+preallocated buffer. The per-layer norms cost one scatter of the per-tensor norms the
+global norm needs anyway, so the host keeps them for every step (the explosion
+warning and the heatmap use full resolution); MLflow gets them, and the
+update-to-weight ratios (which need a parameter snapshot), every
+``telemetry.layer_every`` steps. ``flush()`` copies the filled rows to the host in
+one transfer; everything after that (divergence, explosion warning, plots) is numpy.
 
-Non-finite values are kept as they are: NaN and +/-inf reach MLflow unchanged
-(the UI shows them as NaN / a huge value and leaves gaps in charts), and the plots
-draw them as marked points instead of dropping them silently.
+Non-finite values are kept as they are. In MLflow's SQL store NaN stays NaN (the UI
+leaves a gap in the chart) and +/-inf is stored as +/-1.797e308 (float max), so an
+infinite norm shows as a spike to the top of a chart. The plots draw non-finite
+values as marked points instead of dropping them silently.
 """
 from __future__ import annotations
 
@@ -46,24 +50,27 @@ class History:
     steps: List[int] = field(default_factory=list)
     rows: List[np.ndarray] = field(default_factory=list)  # [n, len(STEP_KEYS)]
     lr: List[float] = field(default_factory=list)
-    layer_steps: List[int] = field(default_factory=list)
-    layer_grad: List[np.ndarray] = field(default_factory=list)  # [L]
-    layer_ratio: List[np.ndarray] = field(default_factory=list)  # [L]
+    layer_grad: List[np.ndarray] = field(default_factory=list)  # [n, L]: every step
+    ratio_steps: List[int] = field(default_factory=list)  # the layer_every steps
+    layer_ratio: List[np.ndarray] = field(default_factory=list)  # [L] per ratio step
 
     def column(self, key: str) -> np.ndarray:
         if not self.rows:
             return np.zeros(0)
         return np.concatenate(self.rows)[:, STEP_KEYS.index(key)]
 
+    def layer_grid(self, n_layers: int) -> np.ndarray:
+        """Per-layer gradient norms, [steps, layers]."""
+        return np.concatenate(self.layer_grad) if self.layer_grad else np.zeros((0, n_layers))
+
     def truncate(self, last_step: int) -> None:
         """Drop everything recorded after ``last_step`` (garbage steps after a divergence)."""
-        keep = [i for i, s in enumerate(self.steps) if s <= last_step]
-        allrows = np.concatenate(self.rows) if self.rows else np.zeros((0, len(STEP_KEYS)))
-        self.rows = [allrows[: len(keep)]]
-        self.steps, self.lr = self.steps[: len(keep)], self.lr[: len(keep)]
-        keep_l = [i for i, s in enumerate(self.layer_steps) if s <= last_step]
-        self.layer_steps = self.layer_steps[: len(keep_l)]
-        self.layer_grad, self.layer_ratio = self.layer_grad[: len(keep_l)], self.layer_ratio[: len(keep_l)]
+        n = sum(1 for s in self.steps if s <= last_step)
+        self.rows = [np.concatenate(self.rows)[:n]] if self.rows else []
+        self.layer_grad = [np.concatenate(self.layer_grad)[:n]] if self.layer_grad else []
+        self.steps, self.lr = self.steps[:n], self.lr[:n]
+        m = sum(1 for s in self.ratio_steps if s <= last_step)
+        self.ratio_steps, self.layer_ratio = self.ratio_steps[:m], self.layer_ratio[:m]
 
 
 class Recorder:
@@ -91,17 +98,15 @@ class Recorder:
         coef = torch.where(pre > 0, post_norm / pre, 1.0) if gs.modified else torch.ones((), device=self.device)
         thr = gs.threshold if gs.threshold is not None else self._nan
         row = [gs.loss.detach().float(), pre, post_norm, coef, skipped.float(), thr.float()]
-        i = len(self.pending_steps)
+        n = len(self.layers)
+        parts = [torch.stack(row), layer_norms(gs.per_tensor, self.index, n)]
         if old_params is not None:
-            n = len(self.layers)
-            g = layer_norms(gs.per_tensor, self.index, n)
             delta = torch._foreach_norm(torch._foreach_sub([p.detach() for p in params], old_params))
             d = layer_norms(delta, self.index, n)
             w = layer_norms(torch._foreach_norm([p.detach() for p in params]), self.index, n)
-            ratio = d / w.clamp(min=1e-12)
-            self.buf[i].copy_(torch.cat([torch.stack(row), g, ratio]))
-        else:
-            self.buf[i, : len(STEP_KEYS)].copy_(torch.stack(row))
+            parts.append(d / w.clamp(min=1e-12))
+        row = torch.cat(parts)
+        self.buf[len(self.pending_steps), : len(row)].copy_(row)
         self.pending_steps.append(step)
         self.pending_lr.append(lr)
 
@@ -116,7 +121,7 @@ class Recorder:
             return []
         host = self.buf[:n].cpu().numpy().astype(np.float64)
         self.buf.fill_(float("nan"))
-        k = len(STEP_KEYS)
+        k, nl = len(STEP_KEYS), len(self.layers)
         points = []
         h = self.history
         for j, step in enumerate(self.pending_steps):
@@ -126,10 +131,8 @@ class Recorder:
                     continue  # no adaptive threshold (yet) at this step
                 points.append((key, row[c], step))
             points.append(("lr", self.pending_lr[j], step))
-            if self.is_layer_step(step) and not np.isnan(row[k:]).all():
-                nl = len(self.layers)
-                h.layer_steps.append(step)
-                h.layer_grad.append(row[k:k + nl])
+            if self.is_layer_step(step):
+                h.ratio_steps.append(step)
                 h.layer_ratio.append(row[k + nl:k + 2 * nl])
                 for li, name in enumerate(self.layers):
                     points.append((f"grad/layer/{name}", row[k + li], step))
@@ -137,6 +140,7 @@ class Recorder:
         h.steps += self.pending_steps
         h.lr += self.pending_lr
         h.rows.append(host[:, :k])
+        h.layer_grad.append(host[:, k:k + nl])
         self.pending_steps, self.pending_lr = [], []
         return points
 
@@ -159,22 +163,22 @@ def first_divergence(history: History, max_skips: int) -> Optional[int]:
     return None
 
 
-def _growth_crossing(steps: np.ndarray, values: np.ndarray, factor: float, window: int) -> tuple[Optional[int], float]:
-    """First step whose value exceeds ``factor`` x the smallest finite positive value in the
-    preceding ``window`` steps (+inf counts as crossing; NaN does not). Returns (step, ratio)."""
-    for i in range(1, len(values)):
-        v = values[i]
-        if np.isnan(v):
-            continue
-        lo = np.searchsorted(steps, steps[i] - window)
-        prev = values[lo:i]
-        prev = prev[np.isfinite(prev) & (prev > 0)]
-        if prev.size == 0:
-            continue
-        ratio = v / prev.min()
-        if ratio > factor:
-            return int(steps[i]), float(ratio)
-    return None, 0.0
+def _growth_crossing(values: np.ndarray, factor: float, window: int) -> tuple[Optional[int], float]:
+    """Index of the first value that exceeds ``factor`` x the smallest finite positive value
+    among the ``window`` values before it (+inf counts as crossing; NaN does not), and
+    that ratio. Values are one per step, so an index window is a step window."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return None, 0.0
+    base = np.where(np.isfinite(values) & (values > 0), values, np.inf)
+    padded = np.concatenate([np.full(window, np.inf), base[:-1]])
+    prev_min = np.lib.stride_tricks.sliding_window_view(padded, window).min(axis=1)  # min of the window before i
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(np.isfinite(prev_min) & ~np.isnan(values), values / prev_min, 0.0)
+    hits = np.flatnonzero(ratio > factor)
+    if hits.size == 0:
+        return None, 0.0
+    return int(hits[0]), float(ratio[hits[0]])
 
 
 @dataclass
@@ -187,27 +191,26 @@ class Explosion:
 def detect_explosion(history: History, layers: List[str], factor: float, window: int) -> Explosion:
     """Early warning: the global norm grew > ``factor`` within ``window`` steps. The first
     layer is the one whose own norm crossed the same factor earliest (ties: larger growth);
-    if no single layer grew that much, the layer with the largest growth at the first
-    per-layer sample at or after the flagged step."""
-    step, _ = _growth_crossing(np.asarray(history.steps), history.column("grad/norm"), factor, window)
-    if step is None:
+    if no single layer grew that much, the layer that grew most over the window ending at
+    the flagged step."""
+    i, _ = _growth_crossing(history.column("grad/norm"), factor, window)
+    if i is None:
         return Explosion(None, None, None)
-    best = (None, None, 0.0)
-    if history.layer_steps:
-        ls = np.asarray(history.layer_steps)
-        grid = np.stack(history.layer_grad)
-        for li, name in enumerate(layers):
-            s, r = _growth_crossing(ls, grid[:, li], factor, window)
-            if s is not None and (best[1] is None or s < best[1] or (s == best[1] and r > best[2])):
-                best = (name, s, r)
-        at = int(np.searchsorted(ls, step))
-        if best[0] is None and at < len(ls):
-            lo = int(np.searchsorted(ls, ls[at] - window))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                base = np.where(grid[lo:at + 1] > 0, grid[lo:at + 1], np.nan)
-                growth = grid[at] / np.nanmin(base, axis=0)
-            growth = np.where(np.isnan(growth), -np.inf, growth)
-            if np.isfinite(growth).any() or np.isposinf(growth).any():
-                li = int(np.argmax(growth))
-                best = (layers[li], int(ls[at]), float(growth[li]))
-    return Explosion(step, best[0], best[1])
+    steps = history.steps
+    grid = history.layer_grid(len(layers))
+    best: tuple = (None, None, 0.0)  # (layer index, row, ratio)
+    for li in range(grid.shape[1]):
+        j, r = _growth_crossing(grid[:, li], factor, window)
+        if j is not None and (best[1] is None or j < best[1] or (j == best[1] and r > best[2])):
+            best = (li, j, r)
+    if best[0] is None and grid.shape[1]:
+        lo = max(0, i - window)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            base = np.where(grid[lo:i] > 0, grid[lo:i], np.nan) if i > lo else np.full((1, grid.shape[1]), np.nan)
+            growth = grid[i] / np.fmin.reduce(base, axis=0)  # NaN-ignoring min, silent
+        growth = np.where(np.isnan(growth), -np.inf, growth)
+        if (growth > -np.inf).any():
+            best = (int(np.argmax(growth)), i, float(growth.max()))
+    if best[0] is None:
+        return Explosion(steps[i], None, None)
+    return Explosion(steps[i], layers[best[0]], steps[best[1]])

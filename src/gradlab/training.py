@@ -280,8 +280,7 @@ class Trainer:
         run.log_artifact(ckpt, "checkpoint")
         if cfg.telemetry.plots and steps:
             title = f"{run.run_id[:8]} {cfg.model.name} {stabilizer_label(cfg)} seed {cfg.seed}"
-            heat = plots.layer_heatmap(h.layer_steps, self.recorder.layers,
-                                       np.stack(h.layer_grad) if h.layer_grad else np.zeros((0, len(self.recorder.layers))),
+            heat = plots.layer_heatmap(h.steps, self.recorder.layers, h.layer_grid(len(self.recorder.layers)),
                                        self.output_dir / "grad_layer_heatmap.png", explosion.step, title)
             norm = plots.norm_history(h.steps, h.column("grad/norm"), h.column("grad/norm_after"), coef, skipped,
                                       h.column("grad/threshold"), self.output_dir / "grad_norm.png",
