@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -64,10 +65,15 @@ def public_mirrors(name: str) -> List[str]:
 
 
 # ---------------------------------------------------------------- verification
-def decode(raw: bytes) -> bytes:
-    """IDX bytes from a file's content, gzip-compressed or not."""
+def decode(raw: bytes, origin: str = "data") -> bytes:
+    """IDX bytes from a file's content, gzip-compressed or not. A damaged gzip stream raises
+    DataError: besides EOFError (truncated) and BadGzipFile (bad CRC), zlib.error (corrupt
+    deflate data) escapes gzip.decompress and would otherwise end the run with a traceback."""
     if raw[:2] == b"\x1f\x8b":
-        return gzip.decompress(raw)
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{origin}: damaged gzip data ({exc})") from None
     return raw
 
 
@@ -84,31 +90,44 @@ def verify_file(spec: IdxFile, path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: missing. Run `dvc repro fetch` (or `python pipelines/fetch.py`).")
     try:
-        data = decode(path.read_bytes())
+        data = decode(path.read_bytes(), str(path))
         check_idx(spec, data, str(path))
-    except (DataError, OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (DataError, OSError) as exc:
         raise DataError(f"{exc if isinstance(exc, DataError) else f'{path}: unreadable ({exc})'}. "
                         f"Delete {path} and run `dvc repro fetch` to fetch it again.") from None
 
 
-def _read_source(base: str, spec: IdxFile) -> Tuple[bytes, str]:
-    """Content of ``spec`` from one local dir or URL base, trying .gz then raw names."""
-    errors = []
-    for fname in (spec.name + ".gz", spec.name):
-        if "://" in base:
-            url = base.rstrip("/") + "/" + fname
+def _read(base: str, fname: str) -> Tuple[bytes, str]:
+    """Content of ``fname`` in a local dir or under a URL base, and where it came from."""
+    if "://" in base:
+        url = base.rstrip("/") + "/" + fname
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": "gradlab"})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.read(), url
+        except Exception as exc:  # noqa: BLE001 - any network failure moves to the next candidate
+            raise DataError(f"{url}: {exc}") from None
+    path = Path(base).expanduser() / fname
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    return path.read_bytes(), str(path)
+
+
+def _first_valid(name: str, spec: IdxFile) -> Tuple[bytes, str]:
+    """Decoded content of ``spec`` from the first source holding a valid copy. Every candidate
+    (.gz, then raw, in each source) is verified on its own, so a corrupt .gz does not hide a
+    good raw file next to it."""
+    problems = []
+    for base in sources(name):
+        for fname in (spec.name + ".gz", spec.name):
             try:
-                req = urllib.request.Request(url, headers={"User-Agent": "gradlab"})
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    return resp.read(), url
-            except Exception as exc:  # noqa: BLE001 - any network failure moves to the next source
-                errors.append(f"{url}: {exc}")
-        else:
-            path = Path(base).expanduser() / fname
-            if path.exists():
-                return path.read_bytes(), str(path)
-            errors.append(f"{path}: not found")
-    raise DataError("; ".join(errors))
+                raw, origin = _read(base, fname)
+                data = decode(raw, origin)
+                check_idx(spec, data, origin)
+                return data, origin
+            except (DataError, OSError) as exc:
+                problems.append(str(exc))
+    raise DataError(" | ".join(problems) or "no sources")
 
 
 def sources(name: str) -> List[str]:
@@ -150,23 +169,18 @@ def fetch(name: str, root: str | Path = "data", log=print) -> Path:
                 continue
             except DataError:
                 log(f"corrupt {target}: fetching again")
-        problems = []
-        for base in sources(name):
-            try:
-                raw, origin = _read_source(base, spec)
-                data = decode(raw)
-                check_idx(spec, data, origin)
-            except (DataError, OSError, EOFError, gzip.BadGzipFile) as exc:
-                problems.append(str(exc))
-                continue
-            _atomic_write(target, data)
-            log(f"fetched {target} <- {origin}")
-            break
-        else:
+        try:
+            data, origin = _first_valid(name, spec)
+        except DataError as exc:
             raise DataError(
-                f"{target}: could not fetch a valid copy. Tried: " + " | ".join(problems)
-                + f". Set {MIRROR_ENV} to a directory or URL holding the IDX files (e.g. ../shared/data/mnist)."
-            )
+                f"{target}: could not fetch a valid copy. Tried: {exc}. "
+                f"Set {MIRROR_ENV} to a directory or URL holding the IDX files (e.g. ../shared/data/mnist)."
+            ) from None
+        try:
+            _atomic_write(target, data)
+        except OSError as exc:  # disk full, permissions: one line, and no partial file left
+            raise DataError(f"{target}: cannot write ({exc}). Free space or fix permissions, then fetch again.") from None
+        log(f"fetched {target} <- {origin}")
     return out
 
 
@@ -213,8 +227,12 @@ def prepare(name: str, root: str | Path = "data", val_size: int = 5000, seed: in
     out = prepared_path(root, name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    torch.save(splits, tmp)
-    os.replace(tmp, out)
+    try:
+        torch.save(splits, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     log(f"prepared {out}: train {len(train_idx)}, val {len(val_idx)}, test {len(splits['test_x'])}")
     return out
 
@@ -239,16 +257,30 @@ def load_splits(cfg_data, log=print) -> dict:
     if cfg_data.name == "synthetic":
         return synthetic_splits(cfg_data.synthetic_size, cfg_data.val_size)
     path = prepared_path(cfg_data.root, cfg_data.name)
-    if not path.exists():
-        fetch(cfg_data.name, cfg_data.root, log=log)
+    splits = load_prepared(path) if path.exists() else None
+    if splits is None or splits.get("val_size") != cfg_data.val_size:
+        fetch(cfg_data.name, cfg_data.root, log=log)  # a no-op when the raw files verify
         prepare(cfg_data.name, cfg_data.root, cfg_data.val_size, log=log)
+        splits = load_prepared(path)
+    return splits
+
+
+SPLIT_KEYS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "checksum")
+
+
+def load_prepared(path: Path) -> dict:
+    """The splits saved by ``prepare``; a DataError of one line (the file and the fix) if the
+    file is unreadable or not a split file. torch's own messages span several lines and, for
+    weights_only, suggest disabling the safety check, so only the exception type is kept."""
     try:
         splits = torch.load(path, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: unreadable ({exc}). Delete it and run `dvc repro prepare`.") from None
-    if splits.get("val_size") != cfg_data.val_size:
-        prepare(cfg_data.name, cfg_data.root, cfg_data.val_size, log=log)
-        splits = torch.load(path, weights_only=True)
+        ok = isinstance(splits, dict) and all(k in splits for k in SPLIT_KEYS)
+        reason = "" if ok else "not a prepared split file"
+    except Exception as exc:  # noqa: BLE001 - any load failure means the same fix
+        reason = f"unreadable ({type(exc).__name__})"
+    if reason:
+        raise DataError(f"{path}: {reason}. Delete it (the next run prepares it again from the raw files) "
+                        f"or run `dvc repro prepare`.")
     return splits
 
 

@@ -16,12 +16,21 @@ import torch
 from torch import nn
 from torch.nn.utils import clip_grad_value_, clip_grads_with_norm_, get_total_norm
 
+from .config import ConfigError
+
 EPS = 1e-6  # the denominator guard torch's clip_grad_norm_ uses
 
 
 def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
     """L2 norm of all gradients together, fused (one multi-tensor kernel)."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def clip_to(grads: List[torch.Tensor], threshold: torch.Tensor, norm: torch.Tensor) -> None:
+    """grads *= min(1, threshold / (norm + 1e-6)): clip_grads_with_norm_'s formula for a
+    threshold that is a device tensor. torch's function calls float(max_norm) first, which
+    would read an adaptive threshold back to the host on every step."""
+    torch._foreach_mul_(grads, (threshold / (norm + EPS)).clamp(max=1.0))
 
 
 class RingBuffer:
@@ -89,9 +98,12 @@ class GradStep:
 
     def clipped_to(self, max_norm, norm: torch.Tensor) -> None:
         """Gradients were scaled by clip_grads_with_norm_'s coefficient min(1, max/(norm+1e-6)):
-        the L2 norm scales by the same factor, so it is updated without another pass."""
-        coef = (max_norm / (norm + EPS)).clamp(max=1.0)
-        self.norm, self.modified = self.current_norm() * coef, True
+        a cached L2 norm scales by the same factor, so it is updated without another pass.
+        A stale one stays stale (recomputing it here would read the already-clipped
+        gradients and apply the coefficient twice)."""
+        if self.norm is not None:
+            self.norm = self.norm * (max_norm / (norm + EPS)).clamp(max=1.0)
+        self.modified = True
 
 
 class Stabilizer:
@@ -184,7 +196,7 @@ class AutoClip(Stabilizer):
         norm = step.current_norm()
         self.history.push(norm, torch.isfinite(norm))
         threshold = self.history.quantile(self.q)
-        clip_grads_with_norm_(self.params, threshold, norm, foreach=True)
+        clip_to(step.grads, threshold, norm)
         step.clipped_to(threshold, norm)
         step.threshold = threshold
 
@@ -200,13 +212,17 @@ class ZClip(Stabilizer):
     ``max_grad_norm``), then mean/variance (population) seed the EMA. After it:
     z = (g - mu) / (sigma + 1e-6); if z > z_thresh clip to mu + z_thresh^2 * sigma / z
     (mode zscore) or to mu (mode mean). The EMA is updated with the clipped value:
-    mu <- a mu + (1-a) x;  var <- a var + (1-a) (x - mu)^2 (mu already updated, as the reference)."""
+    mu <- a mu + (1-a) x;  var <- a var + (1-a) (x - mu)^2 (mu already updated, as the reference).
+    The logged threshold is the norm above which this step clips: the adaptive target when
+    z > z_thresh, else mu + z_thresh * (sigma + 1e-6), exactly where z crosses z_thresh."""
 
     name = "zclip"
 
     def __init__(self, params, names, device, warmup_steps: int, alpha: float, z_thresh: float,
                  mode: str, max_grad_norm: Optional[float]):
         super().__init__(params, names, device)
+        if int(warmup_steps) < 1:  # with no warmup the EMA starts at 0 and every gradient is clipped to 0
+            raise ConfigError("stabilizer.zclip.warmup_steps", f"must be >= 1, got {warmup_steps}")
         self.warmup_steps, self.alpha, self.z_thresh, self.mode = int(warmup_steps), float(alpha), float(z_thresh), mode
         self.max_grad_norm = float("inf") if max_grad_norm is None else float(max_grad_norm)
         self.warmup = RingBuffer(max(self.warmup_steps, 1), device)
@@ -232,14 +248,14 @@ class ZClip(Stabilizer):
                 target = self.mean + self.z_thresh ** 2 * std / z.clamp(min=EPS)
             else:
                 target = self.mean
-            boundary = self.mean + self.z_thresh * std
+            boundary = self.mean + self.z_thresh * (std + EPS)  # z <= z_thresh <=> norm <= boundary
             threshold = torch.where(z > self.z_thresh, target, boundary).clamp(max=self.max_grad_norm)
             clipped = torch.where(norm > threshold, threshold, norm)
             new_mean = self.alpha * self.mean + (1 - self.alpha) * clipped
             new_var = self.alpha * self.var + (1 - self.alpha) * (clipped - new_mean) ** 2
             self.mean.copy_(torch.where(finite, new_mean, self.mean))
             self.var.copy_(torch.where(finite, new_var, self.var))
-        clip_grads_with_norm_(self.params, threshold, norm, foreach=True)
+        clip_to(step.grads, threshold, norm)
         step.clipped_to(threshold, norm)
         step.threshold = threshold
 
