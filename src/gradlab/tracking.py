@@ -7,6 +7,8 @@ chunk, so nothing logged is lost.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -73,6 +75,17 @@ def flatten(cfg) -> Dict[str, str]:
     return out
 
 
+RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.resume")  # besides tracking.*
+
+
+def config_hash(params: Dict[str, str]) -> str:
+    """12 hex digits naming a run's configuration without what differs between the seeds and
+    reruns of one experiment (seed, file paths, tracking.*): every seed of a matrix cell, and
+    the same cell run again, share it. ``params`` is ``flatten(cfg)`` or a run's logged params."""
+    kept = {k: v for k, v in params.items() if k not in RUN_SPECIFIC_KEYS and not k.startswith("tracking.")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+
+
 class RunLogger:
     """A live MLflow run with a batched metric queue."""
 
@@ -128,9 +141,12 @@ class RunLogger:
         self.logged_points += len(chunk)
 
     def flush(self) -> None:
-        """Send what is queued and wait until every chunk is stored."""
+        """Send what is queued and wait until every chunk is stored. The last partial chunk
+        goes synchronously: a run that never filled a chunk then never starts MLflow's async
+        queue, whose shutdown idles up to a second in ``set_terminated``."""
         if self.pending:
-            self._send(self.pending)
+            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.logged_points += len(self.pending)
             self.pending = []
         for op in self.operations:
             if op is not None:

@@ -28,7 +28,7 @@ from .models import build_model
 from .optim import Schedule, build_optimizer
 from .stabilizers import StabilizerStack, selected_names
 from .telemetry import Recorder, detect_explosion, first_divergence
-from .tracking import RunLogger, flatten, git_commit, tracking_uri
+from .tracking import RunLogger, config_hash, flatten, git_commit, tracking_uri
 
 MAX_CONSECUTIVE_SKIPS = 100  # a run that skips this many steps in a row has diverged too
 
@@ -181,6 +181,7 @@ class Trainer:
         tags = {"model": cfg.model.name, "optimizer": cfg.optimizer.name, "data": cfg.data.name,
                 "stabilizer": stabilizer_label(cfg), "scenario": cfg.scenario, "seed": cfg.seed,
                 "scheduler": cfg.scheduler.name, "git_commit": git_commit(), "data_checksum": self.data_checksum,
+                "config_hash": config_hash(flatten(cfg)),
                 "device": str(self.device), **{str(k): str(v) for k, v in (cfg.tracking.tags or {}).items()}}
         run = RunLogger.start(uri, cfg.tracking.experiment, run_name, tags, cfg.tracking.parent_run_id, self.run_id)
         self.run_id = run.run_id
