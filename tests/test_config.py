@@ -101,7 +101,7 @@ def test_preset_values_reach_the_config():
     assert cfg.model.depth == 20 and cfg.model.gain == pytest.approx(1.2247) and cfg.model.init == "kaiming"
     assert cfg.trainer.max_steps == 400 and cfg.trainer.epochs == 1
     cfg = compose(["experiment=explode_rnn"])
-    assert (cfg.model.name, cfg.model.nonlinearity, cfg.model.recurrent_gain) == ("rnn", "relu", 2.0)
+    assert (cfg.model.name, cfg.model.nonlinearity, cfg.model.recurrent_gain) == ("rnn", "relu", 1.5)
 
 
 @pytest.mark.parametrize("override", ["trainer.epoch=3", "trainer.epochs=abc", "model=foo",
