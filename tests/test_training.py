@@ -256,7 +256,6 @@ def test_resume_from_missing_checkpoint_is_a_config_error(tmp_path):
 
 
 # ---------------------------------------------------------------- real MNIST, end to end
-@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("GRADLAB_DATA_MIRROR"), reason="set GRADLAB_DATA_MIRROR to the MNIST IDX files")
 def test_real_mnist_pipeline(tmp_path):
     uri = store_uri(tmp_path / "store")
@@ -283,3 +282,25 @@ def test_real_mnist_pipeline(tmp_path):
     acc = run.data.metrics["test/accuracy"]
     assert acc > 0.9
     assert json.loads(metrics_file.read_text())["test"]["accuracy"] == pytest.approx(acc)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("GRADLAB_DATA_MIRROR"), reason="set GRADLAB_DATA_MIRROR to the MNIST IDX files")
+@pytest.mark.parametrize("preset", ["explode_deep_mlp", "explode_rnn", "explode_high_lr"])
+def test_real_mnist_preset_explodes_and_clip_rescues_it(tmp_path, preset):
+    """The README's 5-seed claim, for seed 0: no stabilizer fails, clipping reaches >= 90%."""
+    from gradlab.matrix import compose_config
+
+    results = {}
+    for stabilizer in ("none", "clip"):
+        cfg = compose_config([f"experiment={preset}", f"stabilizer={stabilizer}", "trainer.device=cpu",
+                              "trainer.progress=false", "telemetry.plots=false", f"data.root={tmp_path / 'data'}",
+                              f"tracking.uri={store_uri(tmp_path / 'store')}",
+                              f"trainer.checkpoint={tmp_path / stabilizer / 'model.pt'}"])
+        r = train(cfg, tmp_path / stabilizer)
+        results[stabilizer] = (r, evaluate(r.checkpoint, device="cpu")["test/accuracy"])
+    none, none_acc = results["none"]
+    assert none.diverged or none_acc < 0.5
+    assert none.explosion_step is not None
+    clipped, clip_acc = results["clip"]
+    assert not clipped.diverged and clip_acc >= 0.9
