@@ -575,7 +575,7 @@ def test_state_round_trip(name, split):
             assert (u is None and v is None) or torch.equal(u, v) or (u.isnan().all() and v.isnan().all())
     # and a fresh stack (no state) decides differently where the stabilizer has state
     if name in ("autoclip", "zclip", "spike_skip"):
-        fresh, c = [], stack_of({name: STATEFUL[name]}, Params([(1,)]))
+        c = stack_of({name: STATEFUL[name]}, Params([(1,)]))
         a2 = stack_of({name: STATEFUL[name]}, Params([(1,)]))
         for g, loss in zip(NORMS[:split], LOSSES):
             trace(a2, g, loss)

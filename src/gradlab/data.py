@@ -10,13 +10,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
 import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -315,8 +314,3 @@ class DeviceData:
     def batches(self, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.y), batch_size):
             yield self.x[i:i + batch_size], self.y[i:i + batch_size]
-
-
-def copy_file(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)

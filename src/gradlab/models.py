@@ -6,8 +6,6 @@ The last layer is always named ``head`` so remedies (AGC) can exclude it.
 """
 from __future__ import annotations
 
-import math
-from typing import List
 
 import torch
 from torch import nn
@@ -152,20 +150,3 @@ def build_model(cfg_model, cfg_data) -> nn.Module:
     if name in ("rnn", "lstm"):
         init_recurrent(model.rnn, cfg_model)
     return model
-
-
-def layer_names(model: nn.Module) -> List[str]:
-    """Telemetry groups: a parameter's name without its trailing .weight/.bias."""
-    out = []
-    for name, _ in model.named_parameters():
-        group = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
-        out.append(group)
-    return out
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def fan_in_std(fan_in: int, variance_scale: float) -> float:
-    return math.sqrt(variance_scale / fan_in)
