@@ -53,8 +53,10 @@ def main() -> None:
                     f"model={model}", f"stabilizer={v}", "data=synthetic", "data.synthetic_size=4096",
                     f"trainer.device={args.device}", f"trainer.batch_size={args.batch_size}",
                     f"tracking.uri=sqlite:///{tmp}/bench.db", "telemetry.plots=false"])
-                t = Trainer(cfg, Path(tmp) / v)
-                x, y = next(t.train_data.shuffled_batches(args.batch_size, torch.randperm(len(t.train_data))))
+                trainer = Trainer(cfg, Path(tmp) / v)
+                data = trainer.train_data
+                x, y = next(data.shuffled_batches(args.batch_size, torch.randperm(len(data))))
+                t = trainer.engine
                 for _ in range(30):  # warm up: allocator, optimizer state, adaptive histories
                     t.step(x, y)
                     if t.recorder.full:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from gradlab.config import fail, run_cli  # noqa: E402
+from gradlab.cli import fail, run_cli  # noqa: E402
 from gradlab.report import ReportError, select_runs, write_report  # noqa: E402
 
 DEFAULT_RUNS = "reports/matrix_runs.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from gradlab.config import run_cli  # noqa: E402
+from gradlab.cli import run_cli  # noqa: E402
 from gradlab.matrix import load_spec, run_matrix, spec_from_dict  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from gradlab.config import fail, run_cli  # noqa: E402
+from gradlab.cli import fail, run_cli  # noqa: E402
 from gradlab.search import DEFAULT_EXPERIMENT, SAMPLERS, SearchSpec, SearchSpecError, parse_space, run_search  # noqa: E402
 
 

@@ -7,8 +7,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 
-from gradlab.config import register_configs, run_cli, task  # noqa: E402
-from gradlab.training import train  # noqa: E402
+from gradlab.cli import run_cli, task  # noqa: E402
+from gradlab.config import register_configs  # noqa: E402
 
 register_configs()
 
@@ -16,6 +16,8 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @task
 def main(cfg) -> float:
+    from gradlab.training import train  # after the config is checked: a config error never waits for MLflow's import
+
     result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     state = "diverged at step %d" % result.diverged_at_step if result.diverged else "finished"
     print(f"run {result.run_id} {state}: {result.steps} steps, val accuracy {result.val_accuracy:.4f}")

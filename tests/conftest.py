@@ -113,9 +113,12 @@ def _isolate(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- tiny runs
 def tiny_overrides(tmp_path: Path, *overrides: str, steps: int = 12) -> List[str]:
+    # the tiny MLP's width is an mlp knob: left out when the overrides pick another model
+    other_model = any(o.startswith(("model=", "experiment=")) for o in overrides)
+    tiny = [t for t in TINY if not (other_model and t.startswith("model."))]
     return ["data=synthetic", f"trainer.max_steps={steps}", "trainer.device=cpu", "telemetry.plots=false",
             f"tracking.uri={store_uri(Path(tmp_path) / 'store')}", f"trainer.checkpoint={Path(tmp_path) / 'model.pt'}",
-            "trainer.progress=false", *TINY, *overrides]
+            "trainer.progress=false", *tiny, *overrides]
 
 
 def tiny_cfg(tmp_path: Path, *overrides: str, steps: int = 12):

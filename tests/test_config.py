@@ -11,8 +11,9 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from conftest import CONF, PYTHON, SRC, cli_env, compose
-from gradlab.config import ConfigError, check
+from gradlab.config import ConfigError, check, compose_config
 from gradlab.models import build_model
+from gradlab.registry import MODELS, OPTIMIZERS, SCHEDULERS, STABILIZERS
 from gradlab.stabilizers import selected_names
 
 
@@ -22,10 +23,10 @@ def options(group: str):
 
 def test_groups_are_not_empty():
     assert options("data") == ["fashion_mnist", "mnist", "synthetic"]
-    assert options("model") == ["cnn", "deep_mlp", "lstm", "mlp", "rnn"]
-    assert options("optimizer") == ["adam", "adamw", "rmsprop", "sgd"]
-    assert set(options("scheduler")) == {"none", "step", "cosine", "onecycle", "plateau"}
-    assert set(options("stabilizer")) >= {"none", "warmup", "clip", "clip_value", "agc", "autoclip", "zclip", "spike_skip"}
+    assert options("model") == sorted(MODELS.names())
+    assert options("optimizer") == sorted(OPTIMIZERS.names())
+    assert options("scheduler") == sorted(SCHEDULERS.names())
+    assert options("stabilizer") == sorted(STABILIZERS.names())
     assert options("experiment"), "no experiment presets in conf/experiment/"
 
 
@@ -115,7 +116,18 @@ def test_schema_rejects_at_composition(override):
     (["model.activation=swish"], "model.activation"),
     (["optimizer.lr=0"], "optimizer.lr"),
     (["trainer.max_steps=-1"], "trainer.max_steps"),
-    (["stabilizer=clip", "stabilizer.clip.max_norm=-1"], "stabilizer.clip"),
+    (["stabilizer=clip", "stabilizer.clip.max_norm=-1"], "stabilizer.clip.max_norm"),
+    (["stabilizer=zclip", "stabilizer.zclip.warmup_steps=0"], "stabilizer.zclip.warmup_steps"),
+    (["stabilizer=zclip", "stabilizer.zclip.alpha=1.5"], "stabilizer.zclip.alpha"),
+    (["optimizer.lr=nan"], "optimizer.lr"),
+    (["stabilizer=clip", "stabilizer.clip.max_norm=nan"], "stabilizer.clip.max_norm"),
+    (["stabilizer=clip", "stabilizer.clip.max_norm=inf"], "stabilizer.clip.max_norm"),
+    (["trainer.epochs=0"], "trainer.epochs"),
+    (["telemetry.explosion_window=0"], "telemetry.explosion_window"),
+    (["data.val_size=60000"], "data.val_size"),
+    (["stabilizer=clip_value", "stabilizer.clip_value.clip_value=0"], "stabilizer.clip_value.clip_value"),
+    (["model.name=cnn"], "model.name"),
+    (["trainer.device=tpu"], "trainer.device"),
     (["stabilizer=autoclip", "stabilizer.autoclip.percentile=0"], "stabilizer.autoclip.percentile"),
     (["stabilizer=warmup", "scheduler=onecycle"], "stabilizer.warmup"),
     (["model.dropout=1.0"], "model.dropout"),
@@ -124,6 +136,24 @@ def test_semantic_checks(overrides, key):
     with pytest.raises(ConfigError) as err:
         check(compose(overrides))
     assert err.value.key == key
+    with pytest.raises(ConfigError):  # compose_config (matrix, search) applies the same rules
+        compose_config(overrides)
+
+
+def test_infinite_norm_type_is_allowed():
+    check(compose(["stabilizer=clip", "stabilizer.clip.norm_type=inf"]))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["optimizer=sgd", "optimizer.decoupled_weight_decay=true"], "optimizer.decoupled_weight_decay"),
+    (["model=rnn", "model.residual=true"], "model.residual"),
+    (["optimizer=adam", "optimizer.momentum=0.9"], "optimizer.momentum"),
+])
+def test_a_knob_the_selected_option_lacks_fails_at_composition(overrides, key):
+    """Each option has its own schema: what it does not have is an unknown key, not a silent no-op."""
+    with pytest.raises((HydraException, OmegaConfBaseException)) as err:
+        compose(overrides)
+    assert key in str(err.value)
 
 
 # ---------------------------------------------------------------- the CLI's one-line errors
@@ -134,6 +164,11 @@ CLI_ERRORS = {
     "unknown_option": (["model=foo"], "model"),
     "invalid_choice": (["model.activation=swish"], "model.activation"),
     "unselected_stabilizer": (["stabilizer.clip.max_norm=2"], "stabilizer.clip"),
+    "zclip_no_warmup": (["stabilizer=zclip", "stabilizer.zclip.warmup_steps=0"], "stabilizer.zclip.warmup_steps"),
+    "sgd_decoupled_decay": (["optimizer=sgd", "optimizer.decoupled_weight_decay=true"],
+                            "optimizer.decoupled_weight_decay"),
+    "nan_lr": (["optimizer.lr=nan"], "optimizer.lr"),
+    "malformed_list": (["stabilizer=[clip,"], "stabilizer"),
 }
 
 

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from conftest import PYTHON, ROOT, TINY, artifact_paths, cli_env, client, store_uri
-from gradlab.matrix import MatrixSpec, Scenario, compose_config, run_matrix
+from gradlab.config import compose_config
+from gradlab.matrix import MatrixSpec, Scenario, run_matrix
 from gradlab.report import ReportError, data_notes, read_runs, select_runs, stored_value, write_report
 from gradlab.tracking import config_hash, flatten
 

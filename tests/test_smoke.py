@@ -1,27 +1,18 @@
 """End-to-end through the CLI entry points on synthetic data (no download)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(args, cwd):
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+from conftest import run_script, store_uri
 
 
 def test_train_then_evaluate_cli(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = store_uri(tmp_path / "store")
     ckpt = tmp_path / "model.pt"
-    p = run([str(ROOT / "src/train.py"), "data=synthetic", "stabilizer=[warmup,clip]", "trainer.max_steps=20",
-             "trainer.device=cpu", f"tracking.uri={uri}", f"trainer.checkpoint={ckpt}"], tmp_path)
+    p = run_script("train.py", "data=synthetic", "stabilizer=[warmup,clip]", "trainer.max_steps=20",
+                   "trainer.device=cpu", f"tracking.uri={uri}", f"trainer.checkpoint={ckpt}", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    p = run([str(ROOT / "src/evaluate.py"), f"checkpoint={ckpt}", f"metrics_file={tmp_path}/m.json"], tmp_path)
+    p = run_script("evaluate.py", f"checkpoint={ckpt}", f"metrics_file={tmp_path}/m.json", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import tiny_cfg
-from gradlab.config import ConfigError
+from conftest import compose, tiny_cfg
+from gradlab.config import ConfigError, check
+from gradlab.registry import STABILIZERS
 from gradlab.stabilizers import StabilizerStack
-from gradlab.telemetry import first_divergence
+from gradlab.telemetry import DivergenceWatch
 from gradlab.training import Trainer, train
 
 CPU = torch.device("cpu")
@@ -107,6 +108,37 @@ def test_clip_nonfinite_gradient_is_left_nonfinite():
     for p, r in zip(model.parameters(), ref):
         torch.testing.assert_close(p.grad, r.grad, equal_nan=True)
     assert not math.isfinite(float(gs.pre_norm)) and not math.isfinite(float(gs.current_norm()))
+
+
+@pytest.mark.parametrize("c", [0.05, 0.5, 5.0])
+def test_clip_value_matches_torch_clip_grad_value(c):
+    model = Params(SHAPES["mixed"], seed=5)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    ref = [p.grad.clone() for p in model.parameters()]
+    for r in ref:
+        r.clamp_(-c, c)
+    gs = stack_of({"clip_value": {"clip_value": c}}, model).process(torch.tensor(0.0))
+    for p, r in zip(model.parameters(), ref):
+        assert torch.equal(p.grad, r)
+    assert float(gs.current_norm()) == pytest.approx(l2(ref), rel=1e-6)
+    assert gs.modified  # the direction changed: the coefficient is applied/raw, not 1
+
+
+def test_warmup_ramps_linearly_then_holds():
+    """lr_t = lr * (t+1)/N for t < N, then lr; multiplies the main schedule (here: step decay)."""
+    from gradlab.optim import Schedule
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = compose(["stabilizer=warmup", "scheduler=step", "scheduler.gamma=0.5"]).scheduler
+    schedule = Schedule(opt, sched, warmup_steps=4, total_steps=20, steps_per_epoch=6)
+    lrs = []
+    for _ in range(14):
+        lrs.append(schedule.lr)
+        opt.step()
+        schedule.step()
+    expected = [0.1 * min(t + 1, 4) / 4 * 0.5 ** (t // 6) for t in range(14)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-9)
 
 
 # ---------------------------------------------------------------- AGC, on hand-built tensors
@@ -269,9 +301,9 @@ def test_zclip_thresholds_match_reference(mode, cap):
 
 
 def test_zclip_needs_a_warmup():
-    with pytest.raises(ConfigError):
-        stack_of({"zclip": {"warmup_steps": 0, "alpha": 0.97, "z_thresh": 2.5, "mode": "zscore",
-                            "max_grad_norm": None}}, Params([(1,)]))
+    with pytest.raises(ConfigError) as err:
+        check(compose(["stabilizer=zclip", "stabilizer.zclip.warmup_steps=0"]))
+    assert err.value.key == "stabilizer.zclip.warmup_steps"
 
 
 # ---------------------------------------------------------------- spike_skip: bit-for-bit untouched
@@ -394,7 +426,7 @@ def forbid_host_sync(allowed=()):
     assert not calls, calls
 
 
-ALL = ["warmup", "clip_value", "agc", "clip", "autoclip", "zclip", "spike_skip"]
+ALL = [name for name in STABILIZERS.names() if name != "none"]  # in the run order
 SMALL = {"warmup": ["stabilizer.warmup.steps=3"], "autoclip": ["stabilizer.autoclip.window=3"],
          "zclip": ["stabilizer.zclip.warmup_steps=3"],
          "spike_skip": ["stabilizer.spike_skip.window=4", "stabilizer.spike_skip.min_history=2"]}
@@ -408,22 +440,22 @@ def sync_trainer(tmp_path, stabilizer, optimizer, device="cpu"):
     perm = torch.randperm(len(trainer.train_data), generator=torch.Generator().manual_seed(0))
     batches = list(trainer.train_data.shuffled_batches(trainer.cfg.trainer.batch_size, perm))[:9]
     for x, y in batches[:2]:  # warm-up: optimizer state exists, spike_skip's one host read is past
-        trainer.step(x, y)
-    trainer.recorder.flush()
-    return trainer, batches[2:]
+        trainer.engine.step(x, y)
+    trainer.engine.recorder.flush()
+    return trainer.engine, batches[2:]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("stabilizer", [s for s in ALL if s != "warmup"] + ["all"])
 def test_no_host_sync_in_step(tmp_path, stabilizer, optimizer):
-    trainer, batches = sync_trainer(tmp_path, stabilizer, optimizer)
-    counters = [s["step"] for s in trainer.optimizer.state.values() if torch.is_tensor(s.get("step"))]
+    engine, batches = sync_trainer(tmp_path, stabilizer, optimizer)
+    counters = [s["step"] for s in engine.optimizer.state.values() if torch.is_tensor(s.get("step"))]
     with forbid_host_sync(counters):
         for x, y in batches:  # crosses zclip's warmup, autoclip's window wrap and layer steps
-            trainer.step(x, y)
-    assert trainer.stack.skips == (stabilizer in ("spike_skip", "all"))
-    h = trainer.recorder.history
-    trainer.recorder.flush()
+            engine.step(x, y)
+    assert engine.stack.skips == (stabilizer in ("spike_skip", "all"))
+    h = engine.recorder.history
+    engine.recorder.flush()
     assert h.steps == list(range(9)) and np.isfinite(h.column("grad/norm")).all()
 
 
@@ -431,16 +463,16 @@ def test_no_host_sync_in_step(tmp_path, stabilizer, optimizer):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("stabilizer", [s for s in ALL if s != "warmup"] + ["all"])
 def test_no_host_sync_in_step_cuda(tmp_path, stabilizer, optimizer):
-    trainer, batches = sync_trainer(tmp_path, stabilizer, optimizer, device="cuda")
+    engine, batches = sync_trainer(tmp_path, stabilizer, optimizer, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for x, y in batches:
-            trainer.step(x, y)
+            engine.step(x, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    trainer.recorder.flush()
-    assert np.isfinite(trainer.recorder.history.column("grad/norm")).all()
+    engine.recorder.flush()
+    assert np.isfinite(engine.recorder.history.column("grad/norm")).all()
 
 
 # ================================================================ C. mixed precision: unscale first
@@ -448,28 +480,28 @@ def scaler_pair(tmp_path):
     over = ["stabilizer=[clip]", "stabilizer.clip.max_norm=0.05", "optimizer=sgd"]
     a = Trainer(tiny_cfg(tmp_path / "a", *over), tmp_path / "a" / "out")
     b = Trainer(tiny_cfg(tmp_path / "b", *over), tmp_path / "b" / "out")
-    b.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    for p, q in zip(a.model.parameters(), b.model.parameters()):
+    b.engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    for p, q in zip(a.engine.model.parameters(), b.engine.model.parameters()):
         assert torch.equal(p, q)
-    return a, b
+    return a.engine, b.engine, a.train_data
 
 
-def capture_grads(trainer):
+def capture_grads(engine):
     """Record the gradients the stabilizers receive."""
-    seen, process = [], trainer.stack.process
+    seen, process = [], engine.stack.process
 
     def spy(loss):
-        seen.append([p.grad.detach().clone() for p in trainer.stack.params])
+        seen.append([p.grad.detach().clone() for p in engine.stack.params])
         return process(loss)
 
-    trainer.stack.process = spy
+    engine.stack.process = spy
     return seen
 
 
 def test_grad_scaler_gradients_are_unscaled_before_stabilizers(tmp_path):
-    a, b = scaler_pair(tmp_path)
+    a, b, data = scaler_pair(tmp_path)
     seen_a, seen_b = capture_grads(a), capture_grads(b)
-    batches = list(a.train_data.batches(32))[:3]
+    batches = list(data.batches(32))[:3]
     for x, y in batches:
         a.step(x, y)
         b.step(x, y)
@@ -489,8 +521,8 @@ def test_grad_scaler_gradients_are_unscaled_before_stabilizers(tmp_path):
 
 
 def test_grad_scaler_skipped_step_is_recorded_as_skipped(tmp_path):
-    _, b = scaler_pair(tmp_path)
-    x, y = next(b.train_data.batches(32))
+    _, b, data = scaler_pair(tmp_path)
+    x, y = next(data.batches(32))
     b.step(x, y)  # momentum state exists
     params, state = snapshot(b.model, b.optimizer)
     hook = b.model.head.bias.register_hook(lambda g: torch.full_like(g, INF))
@@ -503,15 +535,16 @@ def test_grad_scaler_skipped_step_is_recorded_as_skipped(tmp_path):
     b.recorder.flush()
     assert list(h.column("grad/skipped")) == [0.0, 1.0, 0.0]
     assert math.isinf(h.column("grad/norm")[1])
-    assert first_divergence(h, 100) is None  # a skipped inf is not a divergence
+    assert DivergenceWatch(100).update(h.steps, np.concatenate(h.rows)) is None  # a skipped inf is not a divergence
 
 
 def test_grad_scaler_with_spike_skip(tmp_path):
     """Both skip an inf step: on the first step (spike_skip's host path returns before
     scaler.step; scaler.update still works) and later (device path around scaler.step)."""
-    t = Trainer(tiny_cfg(tmp_path, "stabilizer=[spike_skip]", "stabilizer.spike_skip.min_history=2"), tmp_path / "out")
+    trainer = Trainer(tiny_cfg(tmp_path, "stabilizer=[spike_skip]", "stabilizer.spike_skip.min_history=2"), tmp_path / "out")
+    t = trainer.engine
     t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    x, y = next(t.train_data.batches(32))
+    x, y = next(trainer.train_data.batches(32))
 
     def poisoned_step():
         hook = t.model.head.bias.register_hook(lambda g: torch.full_like(g, INF))
@@ -538,8 +571,8 @@ def test_bf16_on_cpu_end_to_end(tmp_path):
                    "stabilizer.zclip.warmup_steps=2", steps=6)
     r = train(cfg, tmp_path / "out")
     assert not r.diverged and r.steps == 6 and 0.0 <= r.val_accuracy <= 1.0
-    state = torch.load(r.checkpoint, weights_only=False)
-    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    state = torch.load(r.checkpoint, weights_only=True)
+    assert all(v.dtype == torch.float32 for v in state["engine"]["model"].values() if v.is_floating_point())
 
 
 # ================================================================ D. state round trips
@@ -596,4 +629,4 @@ def test_state_dict_is_a_snapshot():
     for g, loss in zip(NORMS[6:12], LOSSES[6:]):
         feed(stack, g, loss)
     torch.testing.assert_close(state, saved, equal_nan=True)  # later steps did not write into it
-    assert set(saved) == {"autoclip", "zclip", "spike_skip"}
+    assert set(saved) == {"stepped", "autoclip", "zclip", "spike_skip"}

@@ -110,15 +110,16 @@ def test_nan_mid_run_leaves_a_complete_readable_record(tmp_path):
     metric up to that step, both plots, a checkpoint that evaluates, and strict JSON."""
     cfg = tiny_cfg(tmp_path, "telemetry.plots=true", "telemetry.log_every=4", steps=20)
     trainer = Trainer(cfg, tmp_path / "out")
-    step = trainer.step
+    engine = trainer.engine
+    step = engine.step
 
     def poisoned_step(x, y):
-        if trainer.step_count == 7:
+        if engine.step_count == 7:
             with torch.no_grad():
-                trainer.model.head.weight[0, 0] = float("inf")
+                engine.model.head.weight[0, 0] = float("inf")
         step(x, y)
 
-    trainer.step = poisoned_step
+    engine.step = poisoned_step
     r = trainer.fit()
     assert r.diverged and r.diverged_at_step == 7 and r.steps == 8
     uri = r.tracking_uri

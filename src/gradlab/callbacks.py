@@ -24,20 +24,11 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 class PrepareTrackingStore(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .tracking import prepare_store
+
         prepare_store(OmegaConf.select(config, "tracking.uri"),
                       OmegaConf.select(config, "tracking.experiment", default=None))
         nest_under_mlflow_run(config)
-
-
-def prepare_store(uri: str | None, experiment: str | None = None) -> str:
-    """Create/upgrade the store at ``uri`` (default: tracking_uri()) and the experiment; returns the URI."""
-    from .tracking import ensure_store, experiment_id, tracking_uri
-
-    uri = tracking_uri(uri)
-    client = ensure_store(uri)
-    if experiment:
-        experiment_id(client, experiment)
-    return uri
 
 
 def nest_under_mlflow_run(config: DictConfig) -> None:

@@ -1,182 +1,75 @@
-"""Typed schemas for every Hydra config group, and one-line config errors.
+"""The config: Hydra schemas assembled from the registries, composition, and every value rule.
 
-The schemas live in Hydra's ConfigStore under the separate group ``schema`` so
-they never show up as selectable options; ``conf/config.yaml`` lists
-``schema`` first in its defaults so every option file is validated against it.
-A typo or a wrong type therefore fails at composition time, naming the key.
+Each option's schema is registered next to its code (``gradlab.models``, ``.stabilizers``,
+``.optim``); this module stores them in Hydra's ConfigStore under the group ``schema/``
+(so they never show up as selectable options), and each YAML option file in ``conf/``
+names its schema in its defaults list. A typo, an unknown option, a wrong type or a key
+that the selected option does not have fails at composition time, naming the key.
+``check`` then applies every value rule (ranges, choices, NaN/inf, combinations), so a
+config that composes and passes ``check`` cannot fail later for a config reason.
 """
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
+import math
+import os
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
+import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
+from . import models, optim, stabilizers
+from .data import DataConfig
+from .registry import MODELS, OPTIMIZERS, SCHEDULERS, STABILIZERS, ConfigError, Registry, Schema, choice, need
+from .telemetry import TelemetryConfig
 
-class ConfigError(ValueError):
-    """A config value that type-checks but makes no sense (reported like a schema error)."""
+__all__ = ["ConfigError", "Config", "check", "compose_config", "conf_dir", "register_configs"]
 
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
+REGISTERING_MODULES = (models, optim, stabilizers)  # importing them fills the registries
+GROUPS: Dict[str, Registry] = {"model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
 
-
-# ---------------------------------------------------------------- data / model / optimizer
-@dataclass
-class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | synthetic
-    root: str = "data"  # where fetch/prepare write (relative to the project root)
-    val_size: int = 5000  # held out from the training set, seeded
-    sequence: str = "rows"  # how rnn/lstm read an image: rows (28 steps) | pixels (784 steps)
-    synthetic_size: int = 2048  # training images when name=synthetic
+# Selected options of the multi-select ``stabilizer`` group keep their settings under their own key
+# (stabilizer.clip.max_norm); unselected ones are null. Fields follow the registry's run order.
+StabilizerConfig = make_dataclass(
+    "StabilizerConfig", [(e.name, Optional[e.schema], None) for e in STABILIZERS], bases=(Schema,))
 
 
 @dataclass
-class ModelConfig:
-    name: str = "mlp"  # mlp | cnn | deep_mlp | rnn | lstm
-    hidden_sizes: List[int] = field(default_factory=lambda: [512, 256])  # mlp
-    depth: int = 20  # deep_mlp: hidden layers
-    width: int = 256  # deep_mlp width
-    residual: bool = False  # deep_mlp: x + f(x) blocks
-    channels: List[int] = field(default_factory=lambda: [32, 64])  # cnn
-    pool: str = "max"  # cnn: max | avg
-    hidden: int = 128  # rnn/lstm hidden units
-    nonlinearity: str = "tanh"  # rnn: tanh | relu
-    recurrent_init: str = "default"  # rnn: default | orthogonal | identity
-    recurrent_gain: float = 1.0  # rnn: scale of W_hh (rho)
-    activation: str = "relu"  # relu | tanh | sigmoid | gelu
-    init: str = "default"  # default | xavier | kaiming | orthogonal
-    gain: float = 1.0  # multiplies the init scale; >1 shows what bad init does
-    norm: str = "none"  # none | batchnorm | layernorm
-    dropout: float = 0.0
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "adam"  # sgd | adam | adamw | rmsprop
-    lr: float = 1e-3
-    momentum: float = 0.0  # sgd, rmsprop
-    nesterov: bool = False  # sgd
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam(w)
-    eps: float = 1e-8
-    alpha: float = 0.99  # rmsprop smoothing
-    weight_decay: float = 0.0
-    decoupled_weight_decay: bool = False  # AdamW-style decay (always on for adamw)
-
-
-@dataclass
-class SchedulerConfig:
-    name: str = "none"  # none | step | cosine | onecycle | plateau
-    step_size: int = 1  # step: epochs between decays
-    gamma: float = 0.1  # step decay factor
-    eta_min: float = 0.0  # cosine floor
-    pct_start: float = 0.3  # onecycle: fraction of steps rising
-    div_factor: float = 25.0  # onecycle: initial lr = lr / div_factor
-    factor: float = 0.1  # plateau: lr multiplier on plateau
-    patience: int = 1  # plateau: epochs without val-loss improvement
-
-
-# ---------------------------------------------------------------- stabilizers (multi-select)
-@dataclass
-class NoneStabilizer:
-    """Selecting ``none`` selects nothing; it exists so ``stabilizer=none`` reads naturally."""
-
-
-@dataclass
-class ClipConfig:
-    max_norm: float = 1.0
-    norm_type: float = 2.0  # any p >= 1, or inf
-
-
-@dataclass
-class ClipValueConfig:
-    clip_value: float = 1.0
-
-
-@dataclass
-class AGCConfig:
-    clipping: float = 0.01  # lambda
-    eps: float = 1e-3
-    exclude: List[str] = field(default_factory=lambda: ["auto"])  # "auto" = final classifier layer
-
-
-@dataclass
-class AutoClipConfig:
-    percentile: float = 10.0
-    window: int = 1000  # bounded history of total norms
-
-
-@dataclass
-class ZClipConfig:
-    warmup_steps: int = 25
-    alpha: float = 0.97
-    z_thresh: float = 2.5
-    mode: str = "zscore"  # zscore (adaptive threshold) | mean
-    max_grad_norm: Optional[float] = None  # hard cap, also during warmup
-
-
-@dataclass
-class SpikeSkipConfig:
-    window: int = 128
-    threshold: float = 6.0  # z-score above which the update is skipped
-    min_history: int = 20
-
-
-@dataclass
-class WarmupConfig:
-    steps: int = 500
-
-
-@dataclass
-class StabilizerConfig:
-    """Selected options are applied in this field order, whatever the order on the command
-    line (Hydra merges a multi-select into one node): element-wise, then unit-wise, then
-    global-norm clipping; spike_skip decides on the raw (pre-stabilizer) norm."""
-
-    none: Optional[NoneStabilizer] = None
-    warmup: Optional[WarmupConfig] = None
-    clip_value: Optional[ClipValueConfig] = None
-    agc: Optional[AGCConfig] = None
-    clip: Optional[ClipConfig] = None
-    autoclip: Optional[AutoClipConfig] = None
-    zclip: Optional[ZClipConfig] = None
-    spike_skip: Optional[SpikeSkipConfig] = None
-
-
-# ---------------------------------------------------------------- run-level settings
-@dataclass
-class LossConfig:
+class LossConfig(Schema):
     label_smoothing: float = 0.0
     l1: float = 0.0  # coefficient of the L1 penalty on all weights
 
+    def check(self) -> None:
+        need(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        need(self.l1 >= 0, "l1", f"must be >= 0, got {self.l1}")
+
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Schema):
     epochs: int = 3
     max_steps: Optional[int] = None  # caps optimizer steps (smoke runs)
     batch_size: int = 128
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False
-    precision: str = "32"  # 32 | bf16 | fp16
+    precision: str = choice("32", "bf16", "fp16")
     checkpoint: Optional[str] = None  # where the final checkpoint goes (default: the Hydra run dir)
     resume: Optional[str] = None  # checkpoint to continue from
     progress: bool = True  # progress bar (only on a terminal)
 
+    def check(self) -> None:
+        need(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 (or null for no cap)")
+        need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check_device(self.device, "device")
+        need(self.precision != "fp16" or resolve_device(self.device).type == "cuda", "precision",
+             "fp16 needs CUDA (use bf16 or 32 on the CPU)")
+
 
 @dataclass
-class TelemetryConfig:
-    log_every: int = 50  # steps between device->host copies of the per-step history
-    layer_every: int = 10  # steps between per-layer norm / update-ratio samples
-    explosion_factor: float = 100.0  # norm growth that flags an explosion ...
-    explosion_window: int = 100  # ... within this many steps
-    plots: bool = True  # heatmap + norm plot artifacts
-
-
-@dataclass
-class TrackingConfig:
-    uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+class TrackingConfig(Schema):
+    uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "gradlab"
     run_name: Optional[str] = None  # default: <model>-<stabilizers>-s<seed>
     parent_run_id: Optional[str] = None  # nest this run under a parent (matrix, search)
@@ -184,12 +77,12 @@ class TrackingConfig:
 
 
 @dataclass
-class Config:
+class Config(Schema):
     data: DataConfig = MISSING
-    model: ModelConfig = MISSING
-    optimizer: OptimizerConfig = MISSING
+    model: Any = MISSING  # one of the MODELS schemas
+    optimizer: Any = MISSING  # one of the OPTIMIZERS schemas
     stabilizer: StabilizerConfig = field(default_factory=StabilizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scheduler: Any = MISSING  # one of the SCHEDULERS schemas
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -197,163 +90,196 @@ class Config:
     seed: int = 0
     scenario: str = "default"  # names the failure preset (set by experiment=...)
 
+    def check(self) -> None:
+        if self.stabilizer.warmup is not None and self.scheduler.name == "onecycle":
+            raise ConfigError("stabilizer.warmup", "onecycle already warms up (scheduler.pct_start); drop one")
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Schema):
     checkpoint: str = "models/model.pt"
     metrics_file: Optional[str] = None  # JSON for `dvc metrics show`
     batch_size: int = 1000
     device: str = "auto"
     tracking_uri: Optional[str] = None  # default: the one the checkpoint was trained with
 
+    def check(self) -> None:
+        need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check_device(self.device, "device")
+
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="schema", name="config", node=Config)
     cs.store(group="schema", name="evaluate", node=EvalConfig)
+    for group, registry in GROUPS.items():
+        for entry in registry:
+            cs.store(group=f"schema/{group}", name=entry.name, node=entry.schema)
 
 
-# ---------------------------------------------------------------- semantic checks
-CHOICES = {
-    "data.name": ("mnist", "fashion_mnist", "synthetic"),
-    "data.sequence": ("rows", "pixels"),
-    "model.name": ("mlp", "cnn", "deep_mlp", "rnn", "lstm"),
-    "model.pool": ("max", "avg"),
-    "model.nonlinearity": ("tanh", "relu"),
-    "model.recurrent_init": ("default", "orthogonal", "identity"),
-    "model.activation": ("relu", "tanh", "sigmoid", "gelu"),
-    "model.init": ("default", "xavier", "kaiming", "orthogonal"),
-    "model.norm": ("none", "batchnorm", "layernorm"),
-    "optimizer.name": ("sgd", "adam", "adamw", "rmsprop"),
-    "scheduler.name": ("none", "step", "cosine", "onecycle", "plateau"),
-    "stabilizer.zclip.mode": ("zscore", "mean"),
-    "trainer.precision": ("32", "bf16", "fp16"),
-}
+# ---------------------------------------------------------------- devices
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part, None) if node is not None else None
-    return node
+def check_device(name: str, key: str) -> None:
+    try:
+        device = torch.device(name) if name != "auto" else None
+    except RuntimeError:
+        raise ConfigError(key, f"'{name}' is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise ConfigError(key, f"'{name}' is not supported (auto, cpu, cuda or cuda:N)")
+    if device is not None and device.type == "cuda":
+        need(torch.cuda.is_available(), key, f"'{name}' requested but CUDA is not available")
+        need(device.index is None or device.index < torch.cuda.device_count(), key,
+             f"'{name}': this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+# ---------------------------------------------------------------- value rules
 def check(cfg: Any) -> None:
-    """Checks that a schema cannot express (choices, ranges, combinations)."""
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value is not None and str(value) not in allowed:
-            raise ConfigError(key, f"'{value}' is not one of {', '.join(allowed)}")
-    positive = ["optimizer.lr", "trainer.batch_size", "telemetry.log_every", "telemetry.layer_every"]
-    for key in positive:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(key, f"must be > 0, got {_get(cfg, key)}")
-    if cfg.trainer.max_steps is not None and cfg.trainer.max_steps <= 0:
-        raise ConfigError("trainer.max_steps", "must be > 0 (or null for no cap)")
-    st = cfg.stabilizer
-    if st.clip is not None and (st.clip.max_norm <= 0 or st.clip.norm_type < 1):
-        raise ConfigError("stabilizer.clip", "needs max_norm > 0 and norm_type >= 1 (or inf)")
-    if st.autoclip is not None and not 0 < st.autoclip.percentile <= 100:
-        raise ConfigError("stabilizer.autoclip.percentile", "must be in (0, 100]")
-    if st.warmup is not None and st.warmup.steps < 1:
-        raise ConfigError("stabilizer.warmup.steps", "must be >= 1")
-    if st.warmup is not None and cfg.scheduler.name == "onecycle":
-        raise ConfigError("stabilizer.warmup", "onecycle already warms up (scheduler.pct_start); drop one")
-    if not 0 <= cfg.model.dropout < 1:
-        raise ConfigError("model.dropout", "must be in [0, 1)")
+    """Every rule a schema's types cannot express: choices, finiteness, each schema's ``check``,
+    and that a group's ``name`` is the option selected. Raises ConfigError naming the full key."""
+    _check_node(OmegaConf.to_object(cfg), "")
 
 
-# ---------------------------------------------------------------- one-line errors
-def describe_error(exc: BaseException) -> Optional[str]:
-    """Return a one-line description if ``exc`` is a config problem, else None."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+def _check_value(value: Any, key: str, meta) -> None:
+    if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not meta.get("inf"))):
+        raise ConfigError(key, f"must be a finite number, got {value}")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_value(v, f"{key}.{i}", {})
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(key, f"'{value}' is not one of {', '.join(meta['choices'])}")
 
-    chain, e = [], exc
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    key = _override_into_null(chain)
-    if key is not None:
-        group, _, option = key.partition(".")
-        option = option.split(".")[0]
-        return (f"invalid config '{key}': '{group}.{option}' is not selected, so it has no keys to set "
-                f"(select it first, e.g. {group}=[...,{option}])")
-    if not any(isinstance(e, (HydraException, OmegaConfBaseException, ConfigError)) for e in chain):
+
+def _check_node(node: Any, prefix: str) -> None:
+    for f in fields(node):
+        value, key = getattr(node, f.name), prefix + f.name
+        if is_dataclass(value):
+            _check_node(value, key + ".")
+        else:
+            _check_value(value, key, f.metadata)
+    group = prefix.rstrip(".")
+    if group in GROUPS and GROUPS[group].get(node.name) is None:
+        raise ConfigError(f"{group}.name", f"'{node.name}' is not one of {', '.join(GROUPS[group].names())}")
+    if group in GROUPS and GROUPS[group][node.name].schema is not type(node):
+        raise ConfigError(f"{group}.name", f"'{node.name}' is not the selected option (select it with {group}={node.name})")
+    try:
+        node.check()
+    except ConfigError as exc:
+        raise ConfigError(prefix + exc.key, exc.message) from None
+
+
+# ---------------------------------------------------------------- composition
+def conf_dir() -> Path:
+    """``conf/``: $GRADLAB_CONF_DIR, else the checkout this code runs from, else ./conf."""
+    candidates = [os.environ.get("GRADLAB_CONF_DIR"), Path(__file__).resolve().parents[2] / "conf", Path.cwd() / "conf"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "config.yaml").is_file():
+            return Path(candidate).resolve()
+    raise ConfigError("conf", "no conf/config.yaml found: run from the gradlab checkout or set GRADLAB_CONF_DIR")
+
+
+def compose_config(overrides: Sequence[str], config_name: str = "config"):
+    """The checked config for ``overrides``, composed from ``conf/`` with Hydra's compose API
+    (what ``src/train.py`` gets for the same overrides). Raises Hydra/OmegaConf errors for
+    unknown keys, options or wrong types, and ConfigError for everything ``check`` rejects
+    and for a key set inside an option that is not selected."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra app
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="gradlab"):
+        try:
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is an override into an unselected option
+            blame = diagnose_overrides(overrides, compose_fn=lambda o: compose(config_name, overrides=o))
+            if blame is None:
+                raise
+            raise blame from exc
+    check(cfg)
+    return cfg
+
+
+def diagnose_overrides(overrides: Sequence[str], compose_fn=None) -> Optional[ConfigError]:
+    """After a failed composition, the error naming the override to blame, when Hydra's own does
+    not: an override that does not parse (Hydra names the bad token, not the key), or one that
+    sets a key inside an option that is not selected (``stabilizer.clip.max_norm=2`` without
+    ``stabilizer=clip``: OmegaConf only raises a bare AssertionError for a merge into null).
+    The latter is found by composing without the value overrides and looking each key's parents
+    up in that config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            parser.parse_overrides([text])
+        except Exception as exc:  # noqa: BLE001 - Hydra's parse errors come in several types
+            why = str(exc).splitlines()[0].removeprefix("LexerNoViableAltException: ")
+            return ConfigError(text.partition("=")[0].lstrip("~+"), f"cannot parse '{text}' ({why})")
+    try:
+        parsed = parser.parse_overrides(list(overrides))
+        values = [o for o in parsed if "." in o.key_or_group and not o.is_sweep_override()]
+        base = [o.input_line for o in parsed if o not in values]
+        cfg = (compose_fn or compose_config)(base)
+    except Exception:  # noqa: BLE001 - no diagnosis possible: the caller reports the original error
         return None
-    for e in chain:  # the most precise message names the full key
-        key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        if key and isinstance(e, (OmegaConfBaseException, ConfigError)):
-            msg = str(e).splitlines()[0].strip()
-            if isinstance(e, ConfigError):
-                msg = msg.split(": ", 1)[-1]
-            return f"invalid config '{key}': {msg}"
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if any(ln.startswith("Available options") for ln in lines):
-        idx = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
-        opts = []
-        for ln in lines[idx + 1:]:
-            if ln.startswith("Config search path"):  # Hydra appends its search path after the options
-                break
-            opts.append(ln)
-        return f"{lines[0]} (available: {', '.join(opts)})"
-    return " ".join(lines[:2])
-
-
-def _override_into_null(chain) -> Optional[str]:
-    """The key of a command-line override that Hydra tried to merge into a null node
-    (e.g. ``stabilizer.clip.max_norm=2`` without selecting ``clip``). OmegaConf reports this
-    with a bare AssertionError; the override is read from Hydra's frame that applied it."""
-    for e in chain:
-        if not isinstance(e, AssertionError):
-            continue
-        tb = e.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code.co_name == "_apply_overrides_to_config":
-                key = tb.tb_frame.f_locals.get("key")
-                return str(key) if key else None
-            tb = tb.tb_next
+    for o in values:
+        parts = o.key_or_group.split(".")
+        for i in range(1, len(parts)):
+            parent, name = ".".join(parts[:i - 1]), parts[i - 1]
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if node is not None and name in node and node[name] is None:
+                option = ".".join(parts[:i])
+                group, _, choice_name = option.rpartition(".")
+                return ConfigError(o.key_or_group, f"'{option}' is not selected, so it has no keys to set "
+                                                   f"(select it first, e.g. {group}=[...,{choice_name}])")
     return None
 
 
-def fail(line: str, code: int) -> None:
-    print(f"gradlab: {line}", file=sys.stderr)
-    sys.exit(code)
+def scenario_names() -> List[str]:
+    """The failure presets: conf/experiment/*.yaml."""
+    return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 
 
-def task(fn):
-    """Decorate a Hydra task: config errors raised while it runs exit 2 and data errors
-    exit 1, each as one line (Hydra would otherwise print its own wrapper first)."""
-    import functools
+# ---------------------------------------------------------------- documentation
+def _default(f) -> Any:
+    from dataclasses import MISSING as NO_DEFAULT
 
-    @functools.wraps(fn)
-    def wrapper(cfg):
-        from .data import DataError
-
-        try:
-            return fn(cfg)
-        except DataError as exc:
-            fail(str(exc), 1)
-        except Exception as exc:  # noqa: BLE001
-            line = describe_error(exc)
-            if line is None:
-                raise
-            fail(line, 2)
-
-    return wrapper
+    return f.default_factory() if f.default_factory is not NO_DEFAULT else f.default
 
 
-def run_cli(main_fn) -> None:
-    """Run a ``@hydra.main`` function; config errors become one line and exit code 2."""
-    import os
+def _hydra_value(value: Any) -> str:
+    """A value as one writes it in a Hydra override."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    return str(value)
 
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let errors reach us instead of Hydra's printer
-    try:
-        main_fn()
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - we re-raise anything not config-related
-        if isinstance(exc, SystemExit):
-            raise
-        line = describe_error(exc)
-        if line is None:
-            raise
-        fail(line, 2)
+
+def options_table() -> str:
+    """The README's table of every option with its knobs and defaults, generated from the
+    registries (``python -m gradlab.config``; tests/test_registry.py checks the README has it)."""
+    rows = ["| group | option | knobs (default; choices) |", "|---|---|---|"]
+    for group, registry in {**GROUPS, "stabilizer": STABILIZERS}.items():
+        for entry in registry:
+            knobs = []
+            for f in fields(entry.schema):
+                if f.name == "name":
+                    continue
+                shown = _hydra_value(_default(f))
+                choices = f.metadata.get("choices")
+                alternatives = " (" + "\\|".join(choices) + ")" if choices else ""  # \| : a | inside a table cell
+                knobs.append(f"`{f.name}={shown}`{alternatives}")
+            rows.append(f"| {group} | `{entry.name}` | {', '.join(knobs) or '—'} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(options_table())

@@ -15,10 +15,12 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from .registry import Schema, choice, need
 
 MIRROR_ENV = "GRADLAB_DATA_MIRROR"
 
@@ -53,6 +55,22 @@ DATASETS: Dict[str, List[IdxFile]] = {
 }
 
 LOCAL_SOURCES = {"fashion_mnist": ["/usr/share/datasets/fashion-mnist"]}
+
+
+@dataclass
+class DataConfig(Schema):
+    name: str = choice(*DATASETS, "synthetic")  # synthetic: generated, for tests and smoke runs
+    root: str = "data"  # where fetch/prepare write (relative to the working directory)
+    val_size: int = 5000  # held out from the training set, seeded
+    sequence: str = choice("rows", "pixels")  # how rnn/lstm read an image: 28 steps of 28, or 784 of 1
+    synthetic_size: int = 2048  # training images when name=synthetic
+
+    def check(self) -> None:
+        need(self.val_size >= 1, "val_size", f"must be >= 1, got {self.val_size}")
+        if self.name in DATASETS:
+            train = DATASETS[self.name][0].size // 784
+            need(self.val_size < train, "val_size", f"must leave training images (< {train}), got {self.val_size}")
+        need(self.synthetic_size >= 1, "synthetic_size", f"must be >= 1, got {self.synthetic_size}")
 
 
 def public_mirrors(name: str) -> List[str]:
@@ -291,6 +309,39 @@ def to_device(x_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 images -> normalized float32 [N, 1, 28, 28] on ``device`` (done once, not per batch)."""
     x = x_uint8.to(device, non_blocking=True).float().div_(255.0).sub_(MEAN).div_(STD)
     return x.unsqueeze(1)
+
+
+class EpochOrder:
+    """Which batch comes next: one seeded permutation per epoch, resumable mid-epoch."""
+
+    def __init__(self, seed: int, n: int, batch_size: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.n, self.batch_size = n, batch_size
+        self.batches_per_epoch = -(-n // batch_size)
+        self.epoch, self.batch = 0, 0
+        self.perm: Optional[torch.Tensor] = None
+
+    def batches(self, data: "DeviceData") -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of the current epoch's batches; ``batch`` counts each one handed out."""
+        if self.perm is None:
+            self.perm = torch.randperm(self.n, generator=self.generator)
+        for x, y in data.shuffled_batches(self.batch_size, self.perm, self.batch):
+            self.batch += 1
+            yield x, y
+
+    @property
+    def epoch_done(self) -> bool:
+        return self.batch >= self.batches_per_epoch
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch, self.perm = self.epoch + 1, 0, None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "perm": self.perm, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch, self.perm = state["epoch"], state["batch"], state["perm"]
+        self.generator.set_state(state["generator"])
 
 
 class DeviceData:

@@ -16,11 +16,10 @@ A scenario is a preset name (``experiment=<name>``) or a mapping
 ``stabilizer`` group, a Hydra list string ``"[warmup,clip]"``, or a YAML list ``[warmup, clip]``.
 
 Every run's config is composed with Hydra's compose API from
-``experiment=<scenario> stabilizer=<...> seed=<s> <overrides...>`` plus
-``tracking.parent_run_id=<parent> tracking.experiment=<experiment> ++tracking.tags.matrix=<parent>``,
-then trained with :func:`gradlab.training.train` and evaluated on the test split with
-:func:`gradlab.evaluation.evaluate`, both in-process. The run ids go to
-``reports/matrix_runs.json`` for ``pipelines/compare.py``.
+``experiment=<scenario> stabilizer=<...> seed=<s> <overrides...>``, nested under the
+matrix's parent run (tag ``matrix=<parent>``) by :mod:`gradlab.runs`, trained and then
+evaluated on the test split with :func:`gradlab.evaluation.evaluate`, both in-process.
+The run ids go to ``reports/matrix_runs.json`` for ``pipelines/compare.py``.
 
 Why an in-process loop (and not DVC matrix stages or a Hydra multirun)
 ----------------------------------------------------------------------
@@ -58,35 +57,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
-from omegaconf import OmegaConf
 
-from .config import ConfigError
+from .config import ConfigError, compose_config
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = ROOT / "conf"
 DEFAULT_EXPERIMENT = "gradlab-matrix"
-
-
-# ---------------------------------------------------------------- config composition
-def compose_config(overrides: Sequence[str]):
-    """The run config for ``overrides``, composed with Hydra's compose API from ``conf/``.
-
-    Raises Hydra/OmegaConf errors (which :func:`gradlab.config.describe_error` turns
-    into one line) for unknown keys, options or wrong types, and ConfigError for values
-    that type-check but make no sense.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from .config import check, register_configs
-
-    register_configs()
-    if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra app
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="gradlab"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    check(cfg)
-    return cfg
 
 
 # ---------------------------------------------------------------- the matrix definition
@@ -200,10 +174,10 @@ def _finite(x: Optional[float]) -> Optional[float]:
 
 
 def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, parent_run_id: str,
-            uri: str, workdir: str, threads: Optional[int] = None, log: Callable[[str], None] = print) -> Dict:
+            uri: str, workdir: str, threads: Optional[int] = None) -> Dict:
     """Train + evaluate one combination; returns its record (never raises for a failed run)."""
     from .evaluation import evaluate
-    from .training import train
+    from .runs import train_child
 
     if threads:
         import torch
@@ -213,15 +187,9 @@ def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, 
     record: Dict[str, Any] = {"index": combo.index, "scenario": combo.scenario.name, "stabilizer": combo.stabilizer,
                               "seed": combo.seed, "overrides": [*combo.overrides, *spec_overrides]}
     try:
-        cfg = compose_config([*combo.overrides, *spec_overrides,
-                              f"tracking.parent_run_id='{parent_run_id}'",
-                              f"++tracking.tags.matrix='{parent_run_id}'"])
         out_dir = Path(workdir) / f"run{combo.index:03d}"
-        # paths, the URI and the experiment name are set on the composed config: no quoting trouble with odd characters
-        OmegaConf.update(cfg, "trainer.checkpoint", str(out_dir / "model.pt"))
-        OmegaConf.update(cfg, "tracking.uri", uri)
-        OmegaConf.update(cfg, "tracking.experiment", experiment)
-        result = train(cfg, out_dir)
+        cfg, result = train_child([*combo.overrides, *spec_overrides], out_dir, parent_run_id, uri, experiment,
+                                  tags={"matrix": parent_run_id})
         record.update(run_id=result.run_id, steps=result.steps, diverged=result.diverged,
                       diverged_at_step=result.diverged_at_step, explosion_step=result.explosion_step,
                       val_accuracy=_finite(result.val_accuracy))
@@ -249,28 +217,23 @@ def _line(rec: Dict, total: int) -> str:
 def run_matrix(spec: MatrixSpec, out_file: str | Path = "reports/matrix_runs.json", uri: Optional[str] = None,
                jobs: Optional[int] = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Dict:
     """Run every combination under one parent run; write and return the run list."""
-    from .callbacks import prepare_store
-    from .tracking import RunLogger, git_commit
+    from .runs import ParentRun
 
     combos = spec.combinations()
     # fail on a bad definition before anything runs (and before any MLflow run exists)
     for combo in combos:
         compose_config([*combo.overrides, *spec.overrides])
-    uri = prepare_store(uri, spec.experiment)  # once, before any (parallel) job touches the store
     jobs = max(1, jobs or spec.jobs)
-    parent = RunLogger.start(uri, spec.experiment, f"matrix-{time.strftime('%Y%m%d-%H%M%S')}",
-                             {"kind": "matrix", "git_commit": git_commit()})
-    parent.log_params({"scenarios": json.dumps([s.name for s in spec.scenarios]),
-                       "stabilizers": json.dumps(spec.stabilizers), "seeds": json.dumps(spec.seeds),
-                       "overrides": json.dumps(spec.overrides), "jobs": str(jobs), "n_runs": str(len(combos))})
-    log(f"matrix: {len(combos)} runs ({len(spec.scenarios)} scenarios x {len(spec.stabilizers)} stabilizers x "
-        f"{len(spec.seeds)} seeds), parent run {parent.run_id} in experiment '{spec.experiment}', {uri}")
-    t0 = time.perf_counter()
-    records: List[Dict] = []
-    status = "FAILED"
-    try:
+    params = {"scenarios": json.dumps([s.name for s in spec.scenarios]), "stabilizers": json.dumps(spec.stabilizers),
+              "seeds": json.dumps(spec.seeds), "overrides": json.dumps(spec.overrides), "jobs": str(jobs),
+              "n_runs": str(len(combos))}
+    with ParentRun(uri, spec.experiment, f"matrix-{time.strftime('%Y%m%d-%H%M%S')}", "matrix", params) as parent:
+        log(f"matrix: {len(combos)} runs ({len(spec.scenarios)} scenarios x {len(spec.stabilizers)} stabilizers x "
+            f"{len(spec.seeds)} seeds), parent run {parent.run_id} in experiment '{spec.experiment}', {parent.uri}")
+        t0 = time.perf_counter()
+        records: List[Dict] = []
         with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
-            args = (spec.overrides, spec.experiment, parent.run_id, uri, workdir)
+            args = (spec.overrides, spec.experiment, parent.run_id, parent.uri, workdir)
             if jobs == 1:
                 for combo in combos:
                     records.append(run_one(combo, *args))
@@ -286,17 +249,15 @@ def run_matrix(spec: MatrixSpec, out_file: str | Path = "reports/matrix_runs.jso
         records.sort(key=lambda r: r["index"])
         failed = [r for r in records if r["status"] != "FINISHED"]
         wall = time.perf_counter() - t0
-        parent.log_metrics({"runs/finished": len(records) - len(failed), "runs/failed": len(failed),
-                            "runs/diverged": sum(bool(r.get("diverged")) for r in records),
-                            "time/matrix_s": wall}, step=0, timestamp_ms=int(time.time() * 1000))
-        result = {"parent_run_id": parent.run_id, "experiment": spec.experiment, "tracking_uri": uri,
+        parent.logger.log_metrics({"runs/finished": len(records) - len(failed), "runs/failed": len(failed),
+                                   "runs/diverged": sum(bool(r.get("diverged")) for r in records),
+                                   "time/matrix_s": wall}, step=0, timestamp_ms=int(time.time() * 1000))
+        result = {"parent_run_id": parent.run_id, "experiment": spec.experiment, "tracking_uri": parent.uri,
                   "run_ids": [r["run_id"] for r in records if r.get("run_id") and r["status"] == "FINISHED"],
                   "failed": failed, "wall_seconds": round(wall, 1), "runs": records}
         out = Path(out_file)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-        status = "FINISHED" if not failed else "FAILED"
+        parent.status = "FINISHED" if not failed else "FAILED"
         log(f"matrix: {len(records) - len(failed)}/{len(records)} runs finished in {wall:.0f}s -> {out}")
         return result
-    finally:
-        parent.close(status)

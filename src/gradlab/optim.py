@@ -6,30 +6,191 @@ stepped once per epoch on the validation loss.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 from torch.optim import lr_scheduler
 
-from .config import ConfigError
+from .registry import OPTIMIZERS, SCHEDULERS, STABILIZERS, Schema, need
+
+
+# ---------------------------------------------------------------- optimizers
+@dataclass
+class OptimizerSchema(Schema):
+    name: str = ""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def check(self) -> None:
+        need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+def _unit(value: float, key: str) -> None:
+    need(0 <= value < 1, key, f"must be in [0, 1), got {value}")
+
+
+@dataclass
+class SGDConfig(OptimizerSchema):
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def check(self) -> None:
+        super().check()
+        _unit(self.momentum, "momentum")
+        need(not self.nesterov or self.momentum > 0, "nesterov", "needs momentum > 0")
+
+
+@dataclass
+class AdamWConfig(OptimizerSchema):
+    name: str = "adamw"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # always decoupled
+
+    def check(self) -> None:
+        super().check()
+        need(len(self.betas) == 2, "betas", f"needs two values, got {list(self.betas)}")
+        for i, b in enumerate(self.betas):
+            _unit(b, f"betas.{i}")
+        need(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+
+
+@dataclass
+class AdamConfig(AdamWConfig):
+    name: str = "adam"
+    weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False  # AdamW-style decay
+
+
+@dataclass
+class RMSpropConfig(OptimizerSchema):
+    name: str = "rmsprop"
+    alpha: float = 0.99  # smoothing of the squared-gradient average
+    eps: float = 1e-8
+    momentum: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        _unit(self.alpha, "alpha")
+        _unit(self.momentum, "momentum")
+        need(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+
+
+@OPTIMIZERS.register("sgd", SGDConfig)
+def sgd(cfg, params, capturable):
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+
+@OPTIMIZERS.register("adam", AdamConfig)
+def adam(cfg, params, capturable):
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            decoupled_weight_decay=cfg.decoupled_weight_decay, **capturable)
+
+
+@OPTIMIZERS.register("adamw", AdamWConfig)
+def adamw(cfg, params, capturable):
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             **capturable)
+
+
+@OPTIMIZERS.register("rmsprop", RMSpropConfig)
+def rmsprop(cfg, params, capturable):
+    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, **capturable)
 
 
 def build_optimizer(cfg_opt, params, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
-    name, wd = cfg_opt.name, cfg_opt.weight_decay
-    if cfg_opt.decoupled_weight_decay and name in ("sgd", "rmsprop"):
-        raise ConfigError("optimizer.decoupled_weight_decay", f"torch's {name} has coupled L2 decay only; use adam or adamw")
     # capturable keeps Adam/RMSprop's step counter on the device, so skipped steps restore it without a sync
-    cap = {"capturable": True} if capturable and device.type == "cuda" else {}
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=cfg_opt.lr, momentum=cfg_opt.momentum, nesterov=cfg_opt.nesterov, weight_decay=wd)
-    if name in ("adam", "adamw"):
-        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-        kwargs = {} if name == "adamw" else {"decoupled_weight_decay": cfg_opt.decoupled_weight_decay}
-        return cls(params, lr=cfg_opt.lr, betas=tuple(cfg_opt.betas), eps=cfg_opt.eps, weight_decay=wd, **kwargs, **cap)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg_opt.lr, alpha=cfg_opt.alpha, eps=cfg_opt.eps,
-                                   momentum=cfg_opt.momentum, weight_decay=wd, **cap)
-    raise ConfigError("optimizer.name", f"unknown optimizer '{name}'")
+    cap = {"capturable": True} if capturable and device.type == "cuda" and cfg_opt.name != "sgd" else {}
+    return OPTIMIZERS[cfg_opt.name].obj(cfg_opt, params, cap)
+
+
+# ---------------------------------------------------------------- schedules
+@dataclass
+class NoSchedule(Schema):
+    name: str = "none"
+
+
+@dataclass
+class StepConfig(Schema):
+    name: str = "step"
+    step_size: int = 1  # epochs between decays
+    gamma: float = 0.5  # decay factor
+
+    def check(self) -> None:
+        need(self.step_size >= 1, "step_size", f"must be >= 1, got {self.step_size}")
+        need(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+
+
+@dataclass
+class CosineConfig(Schema):
+    name: str = "cosine"
+    eta_min: float = 0.0  # the floor
+
+    def check(self) -> None:
+        need(self.eta_min >= 0, "eta_min", f"must be >= 0, got {self.eta_min}")
+
+
+@dataclass
+class OneCycleConfig(Schema):
+    name: str = "onecycle"
+    pct_start: float = 0.3  # fraction of the steps rising
+    div_factor: float = 25.0  # initial lr = lr / div_factor
+
+    def check(self) -> None:
+        need(0 < self.pct_start < 1, "pct_start", f"must be in (0, 1), got {self.pct_start}")
+        need(self.div_factor > 0, "div_factor", f"must be > 0, got {self.div_factor}")
+
+
+@dataclass
+class PlateauConfig(Schema):
+    name: str = "plateau"
+    factor: float = 0.1  # lr multiplier on a plateau of the validation loss
+    patience: int = 1  # epochs without improvement
+
+    def check(self) -> None:
+        need(0 < self.factor < 1, "factor", f"must be in (0, 1), got {self.factor}")
+        need(self.patience >= 0, "patience", f"must be >= 0, got {self.patience}")
+
+
+SCHEDULERS.add("none", NoSchedule)
+
+
+@SCHEDULERS.register("step", StepConfig)
+def step_lr(optimizer, cfg, total_steps: int, steps_per_epoch: int):
+    return lr_scheduler.StepLR(optimizer, step_size=cfg.step_size * steps_per_epoch, gamma=cfg.gamma)
+
+
+@SCHEDULERS.register("cosine", CosineConfig)
+def cosine(optimizer, cfg, total_steps: int, steps_per_epoch: int):
+    return lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg.eta_min)
+
+
+@SCHEDULERS.register("onecycle", OneCycleConfig)
+def onecycle(optimizer, cfg, total_steps: int, steps_per_epoch: int):
+    return lr_scheduler.OneCycleLR(optimizer, max_lr=optimizer.param_groups[0]["lr"], total_steps=total_steps + 1,
+                                   pct_start=cfg.pct_start, div_factor=cfg.div_factor)
+
+
+@SCHEDULERS.register("plateau", PlateauConfig)
+def plateau(optimizer, cfg, total_steps: int, steps_per_epoch: int):
+    return lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.factor, patience=cfg.patience)
+
+
+# ---------------------------------------------------------------- warmup (selected in the stabilizer group)
+@dataclass
+class WarmupConfig(Schema):
+    steps: int = 500  # linear ramp (t+1)/steps, multiplying the scheduler
+
+    def check(self) -> None:
+        need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+
+
+STABILIZERS.add("warmup", WarmupConfig, order=10)
 
 
 class Schedule:
@@ -43,18 +204,12 @@ class Schedule:
             # factor (t+1)/N for t < N, then 1
             self.per_step.append(lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup_steps,
                                                        end_factor=1.0, total_iters=max(warmup_steps - 1, 1)))
-        name = cfg_sched.name
-        if name == "step":
-            self.per_step.append(lr_scheduler.StepLR(optimizer, step_size=cfg_sched.step_size * steps_per_epoch,
-                                                     gamma=cfg_sched.gamma))
-        elif name == "cosine":
-            self.per_step.append(lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg_sched.eta_min))
-        elif name == "onecycle":
-            self.per_step.append(lr_scheduler.OneCycleLR(optimizer, max_lr=optimizer.param_groups[0]["lr"],
-                                                         total_steps=total_steps + 1, pct_start=cfg_sched.pct_start,
-                                                         div_factor=cfg_sched.div_factor))
-        elif name == "plateau":
-            self.plateau = lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg_sched.factor, patience=cfg_sched.patience)
+        build = SCHEDULERS[cfg_sched.name].obj
+        scheduler = build(optimizer, cfg_sched, total_steps, steps_per_epoch) if build else None
+        if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+            self.plateau = scheduler
+        elif scheduler is not None:
+            self.per_step.append(scheduler)
 
     @property
     def lr(self) -> float:

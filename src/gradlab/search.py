@@ -35,10 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from omegaconf import OmegaConf
-
-from .config import describe_error
-from .matrix import compose_config
+from .cli import describe_error
+from .config import compose_config
 
 SAMPLERS = ("tpe", "random")
 KINDS = ("uniform", "loguniform", "int", "choice")
@@ -234,24 +232,16 @@ class TrialOutcome:
     seconds: float
 
 
-def run_trial(trial, spec: SearchSpec, parent_run_id: str, uri: str, workdir: Path, study_name: str) -> TrialOutcome:
-    """Sample, compose, train (+ evaluate for test/ metrics) one trial as a child run."""
+def run_trial(trial, spec: SearchSpec, parent, workdir: Path, study_name: str) -> TrialOutcome:
+    """Sample, compose, train (+ evaluate for test/ metrics) one trial as a child run of ``parent``."""
     from mlflow import MlflowClient
-
-    from .training import train
 
     t0 = time.perf_counter()
     values = {p.key: p.suggest(trial) for p in spec.params}
-    cfg = compose_config([*spec.fixed, *(p.override(values[p.key]) for p in spec.params)])
     out_dir = workdir / f"trial{trial.number:04d}"
-    # set on the composed config: no Hydra quoting trouble with URIs, paths and names
-    OmegaConf.update(cfg, "trainer.checkpoint", str(out_dir / "model.pt"))
-    OmegaConf.update(cfg, "tracking.uri", uri)
-    OmegaConf.update(cfg, "tracking.experiment", spec.experiment)
-    OmegaConf.update(cfg, "tracking.parent_run_id", parent_run_id)
-    OmegaConf.update(cfg, "tracking.run_name", f"{study_name}-t{trial.number}")
-    cfg.tracking.tags = {**cfg.tracking.tags, "study": study_name, "trial": trial.number}
-    result = train(cfg, out_dir)
+    cfg, result = parent.child([*spec.fixed, *(p.override(values[p.key]) for p in spec.params)], out_dir,
+                               run_name=f"{study_name}-t{trial.number}", tags={"study": study_name, "trial": trial.number})
+    uri = parent.uri
     if spec.metric.startswith("test/") and not result.diverged:
         from .evaluation import evaluate
 
@@ -293,36 +283,31 @@ def run_search(spec: SearchSpec, uri: Optional[str] = None,
     import torch
     from optuna.trial import TrialState
 
-    from .callbacks import prepare_store
-    from .tracking import RunLogger, git_commit
+    from .runs import ParentRun
 
     check_space(spec.params, spec.fixed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from here instead
     study = open_study(spec)
-    uri = prepare_store(uri, spec.experiment)
-    parent = RunLogger.start(uri, spec.experiment, f"search-{study.study_name}",
-                             {"kind": "search", "study": study.study_name, "sampler": spec.sampler,
-                              "git_commit": git_commit()})
-    parent.log_params({"sampler": spec.sampler, "trials": str(spec.trials), "metric": spec.metric,
-                       "direction": spec.resolved_direction(), "seed": str(spec.seed), "study": study.study_name,
-                       "storage": _redacted(spec.storage), "overrides": json.dumps(spec.fixed),
-                       **({"startup_trials": str(spec.startup_trials)} if spec.sampler == "tpe" else {}),
-                       **{f"space.{p.key}": p.text.partition("=")[2] for p in spec.params}})
-    log(f"search: {spec.sampler} over {', '.join(p.key for p in spec.params)}, {spec.trials} trials, "
-        f"{spec.resolved_direction()} {spec.metric}; study '{study.study_name}' ({_redacted(spec.storage)}), "
-        f"parent run {parent.run_id} in experiment '{spec.experiment}', {uri}")
-    if spec.sampler == "tpe" and len(study.trials) + spec.trials <= spec.startup_trials:
-        log(f"search: note: all {spec.trials} trials fall within TPE's {spec.startup_trials} random start-up trials "
-            "(lower --startup-trials to let the model steer)")
-    t0 = time.perf_counter()
-    outcomes: List[TrialOutcome] = []
-    status = "FAILED"
-    try:
+    params = {"sampler": spec.sampler, "trials": str(spec.trials), "metric": spec.metric,
+              "direction": spec.resolved_direction(), "seed": str(spec.seed), "study": study.study_name,
+              "storage": _redacted(spec.storage), "overrides": json.dumps(spec.fixed),
+              **({"startup_trials": str(spec.startup_trials)} if spec.sampler == "tpe" else {}),
+              **{f"space.{p.key}": p.text.partition("=")[2] for p in spec.params}}
+    with ParentRun(uri, spec.experiment, f"search-{study.study_name}", "search", params,
+                   {"study": study.study_name, "sampler": spec.sampler}) as parent:
+        log(f"search: {spec.sampler} over {', '.join(p.key for p in spec.params)}, {spec.trials} trials, "
+            f"{spec.resolved_direction()} {spec.metric}; study '{study.study_name}' ({_redacted(spec.storage)}), "
+            f"parent run {parent.run_id} in experiment '{spec.experiment}', {parent.uri}")
+        if spec.sampler == "tpe" and len(study.trials) + spec.trials <= spec.startup_trials:
+            log(f"search: note: all {spec.trials} trials fall within TPE's {spec.startup_trials} random start-up "
+                "trials (lower --startup-trials to let the model steer)")
+        t0 = time.perf_counter()
+        outcomes: List[TrialOutcome] = []
         with tempfile.TemporaryDirectory(prefix="gradlab-search-") as workdir:
             for done in range(1, spec.trials + 1):
                 trial = study.ask()
                 try:
-                    outcome = run_trial(trial, spec, parent.run_id, uri, Path(workdir), study.study_name)
+                    outcome = run_trial(trial, spec, parent, Path(workdir), study.study_name)
                 except torch.OutOfMemoryError as exc:
                     study.tell(trial, state=TrialState.FAIL)
                     log(f"[{done}/{spec.trials}] trial {trial.number}: FAILED, out of memory ({str(exc).splitlines()[0]})")
@@ -338,12 +323,9 @@ def run_search(spec: SearchSpec, uri: Optional[str] = None,
                 outcomes.append(outcome)
                 log(line)
         wall = time.perf_counter() - t0
-        summary = _log_summary(study, parent, spec, outcomes, wall)
+        summary = _log_summary(study, parent.logger, spec, outcomes, wall)
         log(summary["line"])
-        status = "FINISHED"
         return summary
-    finally:
-        parent.close(status)
 
 
 def _log_summary(study, parent, spec: SearchSpec, outcomes: List[TrialOutcome], wall: float) -> Dict[str, Any]:

@@ -9,14 +9,14 @@ run is marked diverged unless ``spike_skip`` (or fp16's GradScaler) skipped it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import clip_grad_value_, clip_grads_with_norm_, get_total_norm
 
-from .config import ConfigError
+from .registry import STABILIZERS, Schema, choice, infinite_ok, need
 
 EPS = 1e-6  # the denominator guard torch's clip_grad_norm_ uses
 
@@ -84,8 +84,10 @@ class GradStep:
     pre_norm: torch.Tensor
     norm: Optional[torch.Tensor] = None  # current L2 norm; None once a transform made it stale
     threshold: Optional[torch.Tensor] = None
-    skip: Optional[torch.Tensor] = None
+    skip: Optional[torch.Tensor] = None  # a stabilizer's decision to skip the update
     modified: bool = False
+    skipped: Optional[torch.Tensor] = None  # after the update: whether it was skipped (by anyone)
+    applied_norm: Optional[torch.Tensor] = None  # after the update: the L2 norm applied (0 if skipped)
 
     def current_norm(self) -> torch.Tensor:
         if self.norm is None:
@@ -95,6 +97,24 @@ class GradStep:
     def changed(self) -> None:
         """Gradients changed non-uniformly: the cached norm is stale."""
         self.norm, self.modified = None, True
+
+    def finish(self, skipped: torch.Tensor) -> None:
+        """Record the outcome of the update (telemetry reads it through STEP_METRICS)."""
+        self.skipped = skipped
+        self.applied_norm = torch.where(skipped, 0.0, self.current_norm())
+
+    @property
+    def clip_coef(self) -> torch.Tensor:
+        """applied / raw norm when a stabilizer touched the gradients, else 1."""
+        if not self.modified:
+            return torch.ones((), device=self.pre_norm.device)
+        return torch.where(self.pre_norm > 0, self.applied_norm / self.pre_norm, 1.0)
+
+    @property
+    def threshold_or_nan(self) -> torch.Tensor:
+        if self.threshold is None:
+            return torch.full((), float("nan"), device=self.pre_norm.device)
+        return self.threshold.float()
 
     def clipped_to(self, max_norm, norm: torch.Tensor) -> None:
         """Gradients were scaled by clip_grads_with_norm_'s coefficient min(1, max/(norm+1e-6)):
@@ -107,7 +127,9 @@ class GradStep:
 
 
 class Stabilizer:
-    """Base: a stateful transform of the gradients; state is saved with the checkpoint."""
+    """Base: a stateful transform of the gradients; state is saved with the checkpoint.
+    A subclass registers with its schema and its place in the run order:
+    ``@STABILIZERS.register(name, Config, order=...)``; its ``name`` is set from there."""
 
     name = "base"
 
@@ -124,10 +146,27 @@ class Stabilizer:
         pass
 
 
+@dataclass
+class NoneStabilizer(Schema):
+    """Selecting ``none`` selects nothing; it exists so ``stabilizer=none`` reads naturally."""
+
+
+STABILIZERS.add("none", NoneStabilizer, order=0)
+
+
+@dataclass
+class ClipConfig(Schema):
+    max_norm: float = 1.0
+    norm_type: float = infinite_ok(2.0)  # any p >= 1, or inf
+
+    def check(self) -> None:
+        need(self.max_norm > 0, "max_norm", f"must be > 0, got {self.max_norm}")
+        need(self.norm_type >= 1, "norm_type", f"must be >= 1 (or inf), got {self.norm_type}")
+
+
+@STABILIZERS.register("clip", ClipConfig, order=40)
 class ClipNorm(Stabilizer):
     """Global-norm clipping, exactly torch.nn.utils.clip_grad_norm_ (any p, inf included)."""
-
-    name = "clip"
 
     def __init__(self, params, names, device, max_norm: float, norm_type: float):
         super().__init__(params, names, device)
@@ -139,10 +178,17 @@ class ClipNorm(Stabilizer):
         step.clipped_to(self.max_norm, norm)
 
 
+@dataclass
+class ClipValueConfig(Schema):
+    clip_value: float = 1.0
+
+    def check(self) -> None:
+        need(self.clip_value > 0, "clip_value", f"must be > 0, got {self.clip_value}")
+
+
+@STABILIZERS.register("clip_value", ClipValueConfig, order=20)
 class ClipValue(Stabilizer):
     """Element-wise clamp to [-c, c] (changes the direction; Mikolov's RNNs used 15)."""
-
-    name = "clip_value"
 
     def __init__(self, params, names, device, clip_value: float):
         super().__init__(params, names, device)
@@ -153,11 +199,21 @@ class ClipValue(Stabilizer):
         step.changed()
 
 
+@dataclass
+class AGCConfig(Schema):
+    clipping: float = 0.01  # lambda
+    eps: float = 1e-3
+    exclude: List[str] = field(default_factory=lambda: ["auto"])  # name prefixes; "auto" = the final classifier
+
+    def check(self) -> None:
+        need(self.clipping > 0, "clipping", f"must be > 0, got {self.clipping}")
+        need(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+
+
+@STABILIZERS.register("agc", AGCConfig, order=30)
 class AGC(Stabilizer):
     """Adaptive gradient clipping (Brock et al. 2021): per output unit,
     G_i <- G_i * max_i / max(||G_i||, 1e-6) when ||G_i|| > max_i = clipping * max(||W_i||, eps)."""
-
-    name = "agc"
 
     def __init__(self, params, names, device, clipping: float, eps: float, exclude: List[str]):
         super().__init__(params, names, device)
@@ -181,11 +237,20 @@ class AGC(Stabilizer):
         step.changed()
 
 
+@dataclass
+class AutoClipConfig(Schema):
+    percentile: float = 10.0
+    window: int = 1000  # bounded history of total norms
+
+    def check(self) -> None:
+        need(0 < self.percentile <= 100, "percentile", f"must be in (0, 100], got {self.percentile}")
+        need(self.window >= 1, "window", f"must be >= 1, got {self.window}")
+
+
+@STABILIZERS.register("autoclip", AutoClipConfig, order=50)
 class AutoClip(Stabilizer):
     """AutoClip (Seetharaman et al. 2020): clip to the p-th percentile of the total norms seen
     so far, the current one included, over a bounded window. Non-finite norms are not stored."""
-
-    name = "autoclip"
 
     def __init__(self, params, names, device, percentile: float, window: int):
         super().__init__(params, names, device)
@@ -207,6 +272,24 @@ class AutoClip(Stabilizer):
         self.history.load_state_dict(state)
 
 
+@dataclass
+class ZClipConfig(Schema):
+    warmup_steps: int = 25
+    alpha: float = 0.97
+    z_thresh: float = 2.5
+    mode: str = choice("zscore", "mean")  # adaptive threshold, or clip to the mean
+    max_grad_norm: Optional[float] = None  # hard cap, also during warmup
+
+    def check(self) -> None:
+        # with no warmup the EMA starts at 0 and every gradient is clipped to 0
+        need(self.warmup_steps >= 1, "warmup_steps", f"must be >= 1, got {self.warmup_steps}")
+        need(0 < self.alpha < 1, "alpha", f"must be in (0, 1), got {self.alpha}")
+        need(self.z_thresh > 0, "z_thresh", f"must be > 0, got {self.z_thresh}")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+             f"must be > 0 (or null), got {self.max_grad_norm}")
+
+
+@STABILIZERS.register("zclip", ZClipConfig, order=60)
 class ZClip(Stabilizer):
     """ZClip (Kumar et al. 2025). Warmup: collect ``warmup_steps`` norms (clip only at
     ``max_grad_norm``), then mean/variance (population) seed the EMA. After it:
@@ -216,13 +299,9 @@ class ZClip(Stabilizer):
     The logged threshold is the norm above which this step clips: the adaptive target when
     z > z_thresh, else mu + z_thresh * (sigma + 1e-6), exactly where z crosses z_thresh."""
 
-    name = "zclip"
-
     def __init__(self, params, names, device, warmup_steps: int, alpha: float, z_thresh: float,
                  mode: str, max_grad_norm: Optional[float]):
         super().__init__(params, names, device)
-        if int(warmup_steps) < 1:  # with no warmup the EMA starts at 0 and every gradient is clipped to 0
-            raise ConfigError("stabilizer.zclip.warmup_steps", f"must be >= 1, got {warmup_steps}")
         self.warmup_steps, self.alpha, self.z_thresh, self.mode = int(warmup_steps), float(alpha), float(z_thresh), mode
         self.max_grad_norm = float("inf") if max_grad_norm is None else float(max_grad_norm)
         self.warmup = RingBuffer(max(self.warmup_steps, 1), device)
@@ -269,13 +348,24 @@ class ZClip(Stabilizer):
         self.steps = int(state["steps"])
 
 
+@dataclass
+class SpikeSkipConfig(Schema):
+    window: int = 128
+    threshold: float = 6.0  # z-score above which the update is skipped
+    min_history: int = 20
+
+    def check(self) -> None:
+        need(self.window >= 2, "window", f"must be >= 2, got {self.window}")
+        need(self.threshold > 0, "threshold", f"must be > 0, got {self.threshold}")
+        need(2 <= self.min_history <= self.window, "min_history", f"must be in [2, window], got {self.min_history}")
+
+
+@STABILIZERS.register("spike_skip", SpikeSkipConfig, order=90)
 class SpikeSkip(Stabilizer):
     """Skip the update (OLMo-core style) when |x - mean| / std over the last ``window``
     accepted steps exceeds ``threshold`` for the loss or the pre-stabilizer grad norm
     (once ``min_history`` are stored), or when either is non-finite. Skipped values are
     not added to the window. Decided on the device; applied by ``StabilizerStack.step``."""
-
-    name = "spike_skip"
 
     def __init__(self, params, names, device, window: int, threshold: float, min_history: int):
         super().__init__(params, names, device)
@@ -305,17 +395,18 @@ class SpikeSkip(Stabilizer):
         self.norms.load_state_dict(state["norms"])
 
 
-REGISTRY = {cls.name: cls for cls in (ClipNorm, ClipValue, AGC, AutoClip, ZClip, SpikeSkip)}
-LR_SIDE = {"none", "warmup"}  # selectable in the stabilizer group, but not gradient transforms
-
-
 def selected_names(cfg_stabilizer) -> List[str]:
-    """The stabilizers the config selects, in the schema's order (``none`` selects nothing)."""
-    return [k for k, v in cfg_stabilizer.items() if v is not None and k != "none"]
+    """The options the config selects, in the run order (``none`` selects nothing)."""
+    return [e.name for e in STABILIZERS if e.name != "none" and cfg_stabilizer.get(e.name) is not None]
+
+
+def stabilizer_label(cfg_stabilizer) -> str:
+    """What a run's tag and name call its selection: ``warmup+clip``, or ``none``."""
+    return "+".join(selected_names(cfg_stabilizer)) or "none"
 
 
 class StabilizerStack:
-    """Runs the selected gradient stabilizers in the schema's order; spike skipping and
+    """Runs the selected gradient stabilizers in the registry's order; spike skipping and
     update snapshots are applied around ``optimizer.step``."""
 
     def __init__(self, cfg_stabilizer, model: nn.Module, device: torch.device):
@@ -325,12 +416,13 @@ class StabilizerStack:
         self.device = device
         self.stabilizers: List[Stabilizer] = []
         for name in selected_names(cfg_stabilizer):
-            if name in LR_SIDE:
-                continue
-            opts = dict(cfg_stabilizer[name])
-            self.stabilizers.append(REGISTRY[name](self.params, self.names, device, **opts))
+            entry = STABILIZERS[name]
+            if entry.obj is not None:  # warmup is an LR schedule (gradlab.optim)
+                stabilizer = entry.obj(self.params, self.names, device, **dict(cfg_stabilizer[name]))
+                stabilizer.name = name
+                self.stabilizers.append(stabilizer)
         self.skips = any(isinstance(s, SpikeSkip) for s in self.stabilizers)
-        self._stepped = False  # optimizer state exists only after the first real step
+        self.stepped = False  # optimizer state exists only after the first real step
 
     # -- gradients
     def process(self, loss: torch.Tensor) -> GradStep:
@@ -353,11 +445,11 @@ class StabilizerStack:
         """optimizer.step(), undone bit-for-bit where ``step.skip``; returns the old params
         when ``keep_old_params`` (for update-to-weight ratios), else None."""
         skip = step.skip
-        if skip is not None and not self._stepped and bool(skip):
+        if skip is not None and not self.stepped and bool(skip):
             # Before the first real step the optimizer has no state to restore, so this
             # one decision is read on the host (once per run, not per step).
             return [p.detach().clone() for p in self.params] if keep_old_params else None
-        self._stepped = True
+        self.stepped = True
         state = self._state_tensors(optimizer) if skip is not None else []
         tracked = self.params + state if skip is not None else (self.params if keep_old_params else [])
         snaps = None
@@ -373,9 +465,10 @@ class StabilizerStack:
         return snaps[: len(self.params)] if keep_old_params else None
 
     def state_dict(self) -> dict:
-        return {s.name: s.state_dict() for s in self.stabilizers}
+        return {"stepped": self.stepped, **{s.name: s.state_dict() for s in self.stabilizers}}
 
     def load_state_dict(self, state: dict) -> None:
+        self.stepped = bool(state.get("stepped", False))
         for s in self.stabilizers:
             if s.name in state:
                 s.load_state_dict(state[s.name])

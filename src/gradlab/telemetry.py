@@ -17,12 +17,40 @@ values as marked points instead of dropping them silently.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-STEP_KEYS = ["train/loss", "grad/norm", "grad/norm_after", "grad/clip_coef", "grad/skipped", "grad/threshold"]
+from .registry import Schema, need
+
+# The per-step series, named once and in row order: each reads its device scalar from the
+# step's GradStep (gradlab.stabilizers). A new per-step metric is one line here.
+STEP_METRICS = {
+    "train/loss": lambda g: g.loss.detach().float(),
+    "grad/norm": lambda g: g.pre_norm,  # before any stabilizer
+    "grad/norm_after": lambda g: g.applied_norm,  # what the optimizer applied (0 on a skipped step)
+    "grad/clip_coef": lambda g: g.clip_coef,
+    "grad/skipped": lambda g: g.skipped.float(),
+    "grad/threshold": lambda g: g.threshold_or_nan,  # adaptive stabilizers; NaN (not logged) otherwise
+}
+STEP_KEYS = list(STEP_METRICS)
+
+
+@dataclass
+class TelemetryConfig(Schema):
+    log_every: int = 50  # steps between device->host copies of the per-step history
+    layer_every: int = 10  # steps between per-layer norm / update-ratio points in MLflow
+    explosion_factor: float = 100.0  # norm growth that flags an explosion ...
+    explosion_window: int = 100  # ... within this many steps
+    plots: bool = True  # heatmap + norm plot artifacts
+
+    def check(self) -> None:
+        for key in ("log_every", "layer_every", "explosion_window"):
+            need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        need(self.explosion_factor > 1, "explosion_factor", f"must be > 1, got {self.explosion_factor}")
+
+
 
 
 def group_layers(param_names: Sequence[str]) -> tuple[List[str], torch.Tensor]:
@@ -72,6 +100,25 @@ class History:
         m = sum(1 for s in self.ratio_steps if s <= last_step)
         self.ratio_steps, self.layer_ratio = self.ratio_steps[:m], self.layer_ratio[:m]
 
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Tensors only, so a checkpoint loads with ``weights_only=True``."""
+        def grid(chunks, width):
+            return torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros((0, width), dtype=torch.float64)
+
+        n_layers = self.layer_grad[0].shape[1] if self.layer_grad else 0
+        return {"steps": torch.tensor(self.steps, dtype=torch.long), "lr": torch.tensor(self.lr, dtype=torch.float64),
+                "rows": grid(self.rows, len(STEP_KEYS)), "layer_grad": grid(self.layer_grad, n_layers),
+                "ratio_steps": torch.tensor(self.ratio_steps, dtype=torch.long),
+                "layer_ratio": torch.from_numpy(np.stack(self.layer_ratio)) if self.layer_ratio
+                else torch.zeros((0, n_layers), dtype=torch.float64)}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.steps, self.lr = state["steps"].tolist(), state["lr"].tolist()
+        self.rows = [state["rows"].numpy()] if len(self.steps) else []
+        self.layer_grad = [state["layer_grad"].numpy()] if len(self.steps) else []
+        self.ratio_steps = state["ratio_steps"].tolist()
+        self.layer_ratio = list(state["layer_ratio"].numpy())
+
 
 class Recorder:
     """Device-side per-step buffer; ``flush`` returns the new host rows as MLflow points."""
@@ -86,20 +133,16 @@ class Recorder:
         self.pending_steps: List[int] = []
         self.pending_lr: List[float] = []
         self.history = History()
-        self._nan = torch.full((), float("nan"), device=device)
-        self._zero = torch.zeros((), device=device)
 
     def is_layer_step(self, step: int) -> bool:
         return step % self.layer_every == 0
 
-    def record(self, step: int, lr: float, gs, post_norm: torch.Tensor, skipped: torch.Tensor,
-               old_params: Optional[List[torch.Tensor]] = None, params: Optional[List[torch.Tensor]] = None) -> None:
-        pre = gs.pre_norm
-        coef = torch.where(pre > 0, post_norm / pre, 1.0) if gs.modified else torch.ones((), device=self.device)
-        thr = gs.threshold if gs.threshold is not None else self._nan
-        row = [gs.loss.detach().float(), pre, post_norm, coef, skipped.float(), thr.float()]
+    def record(self, step: int, lr: float, gs, old_params: Optional[List[torch.Tensor]] = None,
+               params: Optional[List[torch.Tensor]] = None) -> None:
+        """One row: STEP_METRICS of the finished GradStep, per-layer gradient norms and, on a
+        layer step, per-layer update-to-weight ratios. Device work only."""
         n = len(self.layers)
-        parts = [torch.stack(row), layer_norms(gs.per_tensor, self.index, n)]
+        parts = [torch.stack([read(gs) for read in STEP_METRICS.values()]), layer_norms(gs.per_tensor, self.index, n)]
         if old_params is not None:
             delta = torch._foreach_norm(torch._foreach_sub([p.detach() for p in params], old_params))
             d = layer_norms(delta, self.index, n)
@@ -146,21 +189,31 @@ class Recorder:
 
 
 # ---------------------------------------------------------------- host-side analysis
-def first_divergence(history: History, max_skips: int) -> Optional[int]:
-    """First step with a non-finite loss or gradient that was applied (not skipped), or
-    the step at which ``max_skips`` consecutive steps have been skipped."""
-    if not history.rows:
-        return None
-    loss, norm, skipped = (history.column(k) for k in ("train/loss", "grad/norm", "grad/skipped"))
-    bad = (~np.isfinite(loss) | ~np.isfinite(norm)) & (skipped < 0.5)
-    run = 0
-    for i in range(len(loss)):
-        if bad[i]:
-            return history.steps[i]
-        run = run + 1 if skipped[i] > 0.5 else 0
-        if run >= max_skips:
-            return history.steps[i]
-    return None
+class DivergenceWatch:
+    """The first step whose non-finite loss or gradient was applied (not skipped), or the step at
+    which ``max_skips`` consecutive steps have been skipped. ``update`` looks at new rows only,
+    carrying the current run of skips, so each flush costs the same however long the run is."""
+
+    def __init__(self, max_skips: int):
+        self.max_skips = max_skips
+        self.skip_run = 0  # consecutive skipped steps up to the last row seen
+        self.step: Optional[int] = None
+
+    def update(self, steps: Sequence[int], rows: np.ndarray) -> Optional[int]:
+        if self.step is not None or not len(steps):
+            return self.step
+        loss, norm, skipped = (rows[:, STEP_KEYS.index(k)] for k in ("train/loss", "grad/norm", "grad/skipped"))
+        skip = skipped > 0.5
+        bad = (~np.isfinite(loss) | ~np.isfinite(norm)) & ~skip
+        idx = np.arange(len(steps))
+        last_applied = np.maximum.accumulate(np.where(skip, -1, idx))
+        run = np.where(skip, np.where(last_applied < 0, self.skip_run + idx + 1, idx - last_applied), 0)
+        hits = np.flatnonzero(bad | (run >= self.max_skips))
+        if hits.size:
+            self.step = int(steps[hits[0]])
+        else:
+            self.skip_run = int(run[-1])
+        return self.step
 
 
 def _growth_crossing(values: np.ndarray, factor: float, window: int) -> tuple[Optional[int], float]:

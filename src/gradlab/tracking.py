@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from omegaconf import OmegaConf
 
+from .stabilizers import stabilizer_label
+
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params/tags
 
@@ -36,6 +38,15 @@ def ensure_store(uri: str) -> MlflowClient:
     client = MlflowClient(uri)
     client.search_experiments(max_results=1)
     return client
+
+
+def prepare_store(uri: Optional[str], experiment: Optional[str] = None) -> str:
+    """Create/upgrade the store at ``uri`` (default: tracking_uri()) and the experiment; returns the URI."""
+    uri = tracking_uri(uri)
+    client = ensure_store(uri)
+    if experiment:
+        experiment_id(client, experiment)
+    return uri
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -73,6 +84,19 @@ def flatten(cfg) -> Dict[str, str]:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return out
+
+
+def run_name(cfg) -> str:
+    return cfg.tracking.run_name or f"{cfg.model.name}-{stabilizer_label(cfg.stabilizer)}-s{cfg.seed}"
+
+
+def run_tags(cfg, device, data_checksum: str) -> Dict[str, str]:
+    """What a training run is, as tags: the columns to filter and group by in the MLflow UI."""
+    return {"model": cfg.model.name, "optimizer": cfg.optimizer.name, "data": cfg.data.name,
+            "stabilizer": stabilizer_label(cfg.stabilizer), "scenario": cfg.scenario, "seed": cfg.seed,
+            "scheduler": cfg.scheduler.name, "git_commit": git_commit(), "data_checksum": data_checksum,
+            "config_hash": config_hash(flatten(cfg)), "device": str(device),
+            **{str(k): str(v) for k, v in (cfg.tracking.tags or {}).items()}}
 
 
 RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.resume")  # besides tracking.*
