@@ -22,4 +22,4 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, hydra=True)

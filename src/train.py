@@ -18,11 +18,12 @@ register_configs()
 def main(cfg) -> float:
     from gradlab.training import train  # after the config is checked: a config error never waits for MLflow's import
 
-    result = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    result = train(cfg, Path(hydra_cfg.runtime.output_dir), overrides=list(hydra_cfg.overrides.task))
     state = "diverged at step %d" % result.diverged_at_step if result.diverged else "finished"
     print(f"run {result.run_id} {state}: {result.steps} steps, val accuracy {result.val_accuracy:.4f}")
     return result.val_accuracy
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, hydra=True)

@@ -163,3 +163,52 @@ def run_script(script: str, *args: str, cwd: Path, timeout: float = 600, env=Non
     """``python src/<script> args...`` in ``cwd`` (Hydra writes its outputs/ there)."""
     return subprocess.run([PYTHON, str(SRC / script), *args], cwd=str(cwd), env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def capture(fn) -> tuple:
+    """Run ``fn()`` as an entry point would run: (exit code, stdout, stderr); a traceback lands in stderr."""
+    import contextlib
+    import io
+    import traceback
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            fn()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:  # noqa: BLE001 - a traceback is what the caller asserts against
+            traceback.print_exc(file=err)
+            code = 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def cli(script: str, *args: str, cwd: Optional[Path] = None) -> tuple:
+    """``python src/<script> args...`` run in this process (no interpreter start-up): returns
+    (exit code, stdout, stderr). For one-line-error checks; signals and concurrency need
+    real processes (run_script)."""
+    import runpy
+
+    argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = [str(SRC / script), *args]
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        return capture(lambda: runpy.run_path(str(SRC / script), run_name="__main__"))
+    finally:
+        sys.argv = argv
+        os.chdir(old_cwd)
+
+
+def one_line_error(result: tuple, code: int, *fragments: str) -> str:
+    """Assert ``result`` (from cli/run_script) is exactly one stderr line, exit ``code``, no traceback,
+    containing every fragment; returns the line."""
+    rc, stdout, stderr = result
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and " INFO " not in ln]
+    assert rc == code, (rc, stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("gradlab: "), stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

@@ -10,7 +10,7 @@ import torch
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from conftest import CONF, PYTHON, SRC, cli_env, compose
+from conftest import CONF, PYTHON, SRC, cli, cli_env, compose, one_line_error
 from gradlab.config import ConfigError, check, compose_config
 from gradlab.models import build_model
 from gradlab.registry import MODELS, OPTIMIZERS, SCHEDULERS, STABILIZERS
@@ -174,17 +174,19 @@ CLI_ERRORS = {
 
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
-    """All error cases started at once (each is a ~5 s Python start-up, mostly imports)."""
+    """Each error case through src/train.py, in this process (what the CLI prints and its exit
+    code, without paying a Python start-up per case); test_cli_error_in_a_real_process checks one
+    case as a separate process."""
     cwd = tmp_path_factory.mktemp("cli_errors")
-    procs = {name: subprocess.Popen([PYTHON, str(SRC / "train.py"), *args, "trainer.device=cpu"], cwd=cwd,
-                                    env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (args, _) in CLI_ERRORS.items()}
-    out = {}
-    for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=300)
-        out[name] = (p.returncode, stdout, stderr)
+    out = {name: cli("train.py", *args, "trainer.device=cpu", cwd=cwd) for name, (args, _) in CLI_ERRORS.items()}
     assert not (Path(cwd) / "mlflow.db").exists()  # nothing started
     return out
+
+
+def test_cli_error_in_a_real_process(tmp_path):
+    proc = subprocess.run([PYTHON, str(SRC / "train.py"), "trainer.epoch=3"], cwd=tmp_path, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    one_line_error((proc.returncode, proc.stdout, proc.stderr), 2, "'trainer.epoch'")
 
 
 @pytest.mark.parametrize("case", list(CLI_ERRORS))

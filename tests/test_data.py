@@ -189,7 +189,7 @@ def test_prepare_seeded_disjoint_splits(tiny):
     fill_mirror(tiny)
     data.fetch("mnist", tiny.root, log=lambda _: None)
     out = data.prepare("mnist", tiny.root, val_size=10, seed=0, log=lambda _: None)
-    assert out == data.prepared_path(tiny.root, "mnist") and leftovers(out.parent) == ["mnist.pt"]
+    assert out == data.prepared_path(tiny.root, "mnist", 10, 0) and leftovers(out.parent) == ["mnist-val10-seed0.pt"]
     s = torch.load(out, weights_only=True)
     assert s["train_x"].dtype == torch.uint8 and s["train_x"].shape == (N_TRAIN - 10, SIDE, SIDE)
     assert len(s["val_x"]) == 10 and len(s["test_x"]) == N_TEST
@@ -198,12 +198,15 @@ def test_prepare_seeded_disjoint_splits(tiny):
     for split in ("train", "val", "test"):  # labels travel with their images
         assert s[f"{split}_y"].tolist() == [i % 10 for i in ids(s[f"{split}_x"])]
     assert ids(s["test_x"]) == list(range(N_TEST))
-    assert s["checksum"] == data.dataset_checksum("mnist") and s["val_size"] == 10 and s["split_seed"] == 0
+    assert s["checksum"] == data.splits_checksum(s) and s["val_size"] == 10 and s["split_seed"] == 0
 
     again = torch.load(data.prepare("mnist", tiny.root, val_size=10, seed=0, log=lambda _: None), weights_only=True)
     assert torch.equal(again["train_x"], s["train_x"]) and torch.equal(again["val_y"], s["val_y"])
     other = torch.load(data.prepare("mnist", tiny.root, val_size=10, seed=1, log=lambda _: None), weights_only=True)
-    assert set(ids(other["val_x"])) != set(val_ids)
+    assert set(ids(other["val_x"])) != set(val_ids) and other["checksum"] != s["checksum"]
+    # each (val_size, seed) has its own file: preparing another split never rewrites this one
+    assert leftovers(out.parent) == ["mnist-val10-seed0.pt", "mnist-val10-seed1.pt"]
+    assert torch.equal(torch.load(out, weights_only=True)["val_x"], s["val_x"])
 
 
 def test_prepare_refuses_corrupt_raw(tiny):
@@ -216,21 +219,30 @@ def test_prepare_refuses_corrupt_raw(tiny):
 
 def test_load_splits_fetches_prepares_and_rejects_bad_files(tiny):
     fill_mirror(tiny, gz=True)
-    cfg = SimpleNamespace(name="mnist", root=str(tiny.root), val_size=10)
+    cfg = SimpleNamespace(name="mnist", root=str(tiny.root), val_size=10, split_seed=0)
     s = data.load_splits(cfg, log=lambda _: None)  # nothing local yet: fetch + prepare
     assert len(s["val_y"]) == 10
     cfg.val_size = 5
-    assert len(data.load_splits(cfg, log=lambda _: None)["val_y"]) == 5  # re-prepared for the new size
-    path = data.prepared_path(tiny.root, "mnist")
-    for content in (b"not a torch file" * 10, None):
+    assert len(data.load_splits(cfg, log=lambda _: None)["val_y"]) == 5  # its own file for the new size
+    path = data.prepared_path(tiny.root, "mnist", 5, 0)
+    good = path.read_bytes()
+    altered = dict(torch.load(path, weights_only=True))
+    altered["train_x"] = altered["train_x"].clone()
+    altered["train_x"][3, 2, 2] ^= 0xFF  # one flipped pixel: loads fine, but is not the data it claims
+    for content in (b"not a torch file" * 10, None, altered):
         if content is None:
             torch.save({"something": torch.zeros(1)}, path)  # loads, but is no split file
+        elif isinstance(content, dict):
+            torch.save(content, path)
         else:
             path.write_bytes(content)
         with pytest.raises(DataError) as err:
             data.load_splits(cfg, log=lambda _: None)
         msg = str(err.value)
         assert str(path) in msg and "Delete it" in msg and "\n" not in msg
+    path.write_bytes(good)
+    restored = data.load_splits(cfg, log=lambda _: None)  # the intact file loads again
+    assert len(restored["val_y"]) == 5 and restored["checksum"] == data.splits_checksum(restored)
 
 
 # ---------------------------------------------------------------- device batches
@@ -254,7 +266,7 @@ def test_device_data_batches():
 # ---------------------------------------------------------------- the CLI
 def test_cli_corrupt_prepared_file_is_one_line(tmp_path):
     root = tmp_path / "dataroot"
-    bad = data.prepared_path(root, "mnist")
+    bad = data.prepared_path(root, "mnist", 5000, 0)
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a torch file" * 16)  # torch's own error for this spans several lines
     proc = run_script("train.py", f"data.root={root}", "trainer.device=cpu", "trainer.max_steps=1",

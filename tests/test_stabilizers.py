@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import compose, tiny_cfg
+from gradlab import checkpoint
 from gradlab.config import ConfigError, check
 from gradlab.registry import STABILIZERS
 from gradlab.stabilizers import StabilizerStack
@@ -571,7 +572,7 @@ def test_bf16_on_cpu_end_to_end(tmp_path):
                    "stabilizer.zclip.warmup_steps=2", steps=6)
     r = train(cfg, tmp_path / "out")
     assert not r.diverged and r.steps == 6 and 0.0 <= r.val_accuracy <= 1.0
-    state = torch.load(r.checkpoint, weights_only=True)
+    state = checkpoint.load(r.checkpoint, torch.device("cpu"), "checkpoint")
     assert all(v.dtype == torch.float32 for v in state["engine"]["model"].values() if v.is_floating_point())
 
 

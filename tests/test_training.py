@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, artifact_paths, cli_env, client, history, run_script, store_uri, tiny_cfg
+from gradlab import checkpoint
 from gradlab.evaluation import evaluate
 from gradlab.training import Trainer, train
 
@@ -193,7 +194,7 @@ def test_divergence_is_recorded_not_raised(tmp_path):
     assert all(math.isfinite(v) for v in loss[:at]) and all(math.isfinite(v) for v in norm[:at])
     assert not (math.isfinite(loss[at]) and math.isfinite(norm[at]))
     assert "checkpoint/model.pt" in artifact_paths(r.tracking_uri, r.run_id)
-    state = torch.load(r.checkpoint, weights_only=False)
+    state = checkpoint.load(r.checkpoint, torch.device("cpu"), "checkpoint")
     assert state["diverged_at_step"] == at
 
 
@@ -231,16 +232,20 @@ def test_resume_is_bit_exact(tmp_path, case):
     assert half.steps == n // 2
     resumed = train(tiny_cfg(split, *common, f"trainer.resume={split / 'half.pt'}",
                              f"trainer.checkpoint={split / 'full.pt'}", steps=n), split / "out2")
-    assert resumed.run_id == half.run_id  # continued in the same MLflow run
-    assert resumed.steps == n
+    # the finished 12-step run is left as it was; its continuation is a new run holding the whole history
+    assert resumed.run_id != half.run_id and resumed.steps == n
+    c = client(resumed.tracking_uri)
+    assert c.get_run(resumed.run_id).data.tags["resumed_from"] == half.run_id
+    assert c.get_run(resumed.run_id).data.tags["resume/changed"] == "trainer.max_steps: 12 -> 24"
+    assert [s for s, _ in history(half.tracking_uri, half.run_id, "grad/norm")] == list(range(n // 2))
 
     for key in ("train/loss", "grad/norm", "grad/norm_after", "grad/skipped"):
         a = history(straight.tracking_uri, straight.run_id, key)
         b = history(resumed.tracking_uri, resumed.run_id, key)
         assert [s for s, _ in a] == list(range(n)), key
         assert a == b, key  # bit-for-bit (exact float equality, step by step)
-    sa = torch.load(straight.checkpoint, weights_only=False)
-    sb = torch.load(resumed.checkpoint, weights_only=False)
+    sa = checkpoint.load(straight.checkpoint, torch.device("cpu"), "checkpoint")
+    sb = checkpoint.load(resumed.checkpoint, torch.device("cpu"), "checkpoint")
     assert torch.equal(sa["history"]["rows"].nan_to_num(), sb["history"]["rows"].nan_to_num())
     for k, v in sa["engine"]["model"].items():
         assert torch.equal(v, sb["engine"]["model"][k]), k
@@ -265,7 +270,7 @@ def test_real_mnist_pipeline(tmp_path):
                       f"data.root={tmp_path / 'data'}", f"tracking.uri={uri}", f"trainer.checkpoint={ckpt}",
                       cwd=tmp_path, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "data" / "prepared" / "mnist.pt").exists()
+    assert (tmp_path / "data" / "prepared" / "mnist-val5000-seed0.pt").exists()
     metrics_file = tmp_path / "metrics" / "test.json"
     proc = run_script("evaluate.py", f"checkpoint={ckpt}", f"metrics_file={metrics_file}", "device=cpu",
                       cwd=tmp_path, env=env, timeout=300)

@@ -11,8 +11,7 @@ import os
 import sys
 from typing import Callable, List, NoReturn, Optional
 
-from .data import DataError
-from .registry import ConfigError
+from .errors import ConfigError, DataError, StorageError
 
 EXIT_DATA = 1  # a data file or path is missing, corrupt or unwritable
 EXIT_CONFIG = 2  # bad config or command-line input
@@ -59,6 +58,24 @@ def describe_error(exc: BaseException) -> Optional[str]:
     return " ".join(lines[:2])
 
 
+def describe_io_error(exc: BaseException) -> Optional[str]:
+    """One line for an error the user fixes outside gradlab: a data file, a path that cannot be
+    written (disk full, read-only), a tracking store that fails or cannot be reached."""
+    if isinstance(exc, (DataError, StorageError)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}. Free space or fix the path's permissions; what was logged before is kept."
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        text = str(exc).lower()
+        if any(s in text for s in ("disk is full", "readonly database", "unable to open database", "disk i/o")):
+            return (f"the MLflow store failed to write ({str(exc).splitlines()[0][:200]}). Free space or choose a "
+                    "writable tracking.uri; what was logged before is kept.")
+    return None
+
+
 def task(fn: Callable) -> Callable:
     """Decorate a Hydra task: the config's value rules run first (before any work), then
     config errors raised while it runs exit 2 and data errors exit 1, each as one line."""
@@ -70,35 +87,38 @@ def task(fn: Callable) -> Callable:
         try:
             check(cfg)
             return fn(cfg)
-        except DataError as exc:
-            fail(str(exc), EXIT_DATA)
-        except Exception as exc:  # noqa: BLE001 - anything not config-related is re-raised
-            line = describe_error(exc)
-            if line is None:
-                raise
-            fail(line, EXIT_CONFIG)
+        except Exception as exc:  # noqa: BLE001 - anything we cannot describe in one line is re-raised
+            fail_for(exc)
 
     return wrapper
+
+
+def fail_for(exc: BaseException) -> NoReturn:
+    """Exit with one line if ``exc`` is a config (2) or data/IO (1) problem; else re-raise it."""
+    io_line = describe_io_error(exc)
+    if io_line is not None:
+        fail(io_line, EXIT_DATA)
+    line = describe_error(exc)
+    if line is None:
+        raise exc
+    fail(line, EXIT_CONFIG)
 
 
 def _command_line_overrides() -> List[str]:
     return [a for a in sys.argv[1:] if not a.startswith("-")]
 
 
-def run_cli(main_fn: Callable[[], object]) -> None:
-    """Run an entry point (a ``@hydra.main`` function or an argparse ``main``): config errors
-    become one line and exit 2, data errors one line and exit 1."""
+def run_cli(main_fn: Callable[[], object], hydra: bool = False) -> None:
+    """Run an entry point (a ``@hydra.main`` function with ``hydra=True``, or an argparse ``main``):
+    config errors become one line and exit 2, data and I/O errors one line and exit 1."""
     from .config import diagnose_overrides
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let errors reach us instead of Hydra's printer
     try:
         main_fn()
-    except DataError as exc:
-        fail(str(exc), EXIT_DATA)
-    except Exception as exc:  # noqa: BLE001 - we re-raise anything not config-related
+    except Exception as exc:  # noqa: BLE001 - we re-raise anything we cannot describe in one line
         # Hydra does not always name the override to blame (a bare AssertionError, a parse error)
-        blame = None if isinstance(exc, ConfigError) else diagnose_overrides(_command_line_overrides())
-        line = describe_error(blame or exc)
-        if line is None:
-            raise
-        fail(line, EXIT_CONFIG)
+        blame = None
+        if hydra and describe_io_error(exc) is None and not isinstance(exc, ConfigError):
+            blame = diagnose_overrides(_command_line_overrides())
+        fail_for(blame or exc)

@@ -22,7 +22,8 @@ from omegaconf import MISSING, OmegaConf
 
 from . import models, optim, stabilizers
 from .data import DataConfig
-from .registry import MODELS, OPTIMIZERS, SCHEDULERS, STABILIZERS, ConfigError, Registry, Schema, choice, need
+from .errors import ConfigError
+from .registry import MODELS, OPTIMIZERS, SCHEDULERS, STABILIZERS, Registry, Schema, choice, need
 from .telemetry import TelemetryConfig
 
 __all__ = ["ConfigError", "Config", "check", "compose_config", "conf_dir", "register_configs"]
@@ -54,14 +55,18 @@ class TrainerConfig(Schema):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False
     precision: str = choice("32", "bf16", "fp16")
-    checkpoint: Optional[str] = None  # where the final checkpoint goes (default: the Hydra run dir)
-    resume: Optional[str] = None  # checkpoint to continue from
+    checkpoint: Optional[str] = None  # where the checkpoint goes (default: the run's output dir)/model.pt
+    checkpoint_every: int = 500  # steps between crash-safety checkpoints (0: only at the end)
+    resume: Optional[str] = None  # a checkpoint to continue from, or auto: the last interrupted run of this config
+    threads: int = 0  # torch intra-op threads (0: torch's default, one per core); results depend on it
     progress: bool = True  # progress bar (only on a terminal)
 
     def check(self) -> None:
         need(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 (or null for no cap)")
         need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        need(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        need(self.threads >= 0, "threads", f"must be >= 0 (0: torch's default), got {self.threads}")
         check_device(self.device, "device")
         need(self.precision != "fp16" or resolve_device(self.device).type == "cuda", "precision",
              "fp16 needs CUDA (use bf16 or 32 on the CPU)")
@@ -240,6 +245,22 @@ def diagnose_overrides(overrides: Sequence[str], compose_fn=None) -> Optional[Co
                 return ConfigError(o.key_or_group, f"'{option}' is not selected, so it has no keys to set "
                                                    f"(select it first, e.g. {group}=[...,{choice_name}])")
     return None
+
+
+def config_from_dict(saved: Dict[str, Any]):
+    """A typed, checked config from a saved (resolved, plain) one, e.g. a checkpoint's: the options
+    are selected by name, then every saved value is merged in. Raises ConfigError when the saved
+    config does not fit this gradlab (an option or key that no longer exists)."""
+    chosen = [name for name, node in saved.get("stabilizer", {}).items() if node is not None] or ["none"]
+    try:
+        base = compose_config([f"data={saved['data']['name']}", f"model={saved['model']['name']}",
+                               f"optimizer={saved['optimizer']['name']}", f"scheduler={saved['scheduler']['name']}",
+                               f"stabilizer=[{','.join(chosen)}]"])
+        cfg = OmegaConf.merge(base, saved)
+    except Exception as exc:  # noqa: BLE001 - whatever Hydra/OmegaConf says, it is the same problem
+        raise ConfigError("config", f"the saved config does not fit this gradlab ({str(exc).splitlines()[0]})") from None
+    check(cfg)
+    return cfg
 
 
 def scenario_names() -> List[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import tempfile
 import urllib.request
@@ -20,13 +21,10 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .errors import DataError
 from .registry import Schema, choice, need
 
 MIRROR_ENV = "GRADLAB_DATA_MIRROR"
-
-
-class DataError(RuntimeError):
-    """A data file is missing, corrupt or unreachable; the message says which and what to do."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +60,7 @@ class DataConfig(Schema):
     name: str = choice(*DATASETS, "synthetic")  # synthetic: generated, for tests and smoke runs
     root: str = "data"  # where fetch/prepare write (relative to the working directory)
     val_size: int = 5000  # held out from the training set, seeded
+    split_seed: int = 0  # seeds which training images are held out
     sequence: str = choice("rows", "pixels")  # how rnn/lstm read an image: 28 steps of 28, or 784 of 1
     synthetic_size: int = 2048  # training images when name=synthetic
 
@@ -71,6 +70,7 @@ class DataConfig(Schema):
             train = DATASETS[self.name][0].size // 784
             need(self.val_size < train, "val_size", f"must leave training images (< {train}), got {self.val_size}")
         need(self.synthetic_size >= 1, "synthetic_size", f"must be >= 1, got {self.synthetic_size}")
+        need(self.split_seed >= 0, "split_seed", f"must be >= 0, got {self.split_seed}")
 
 
 def public_mirrors(name: str) -> List[str]:
@@ -213,17 +213,29 @@ def parse_idx(data: bytes, origin: str) -> np.ndarray:
     return body.reshape(dims)
 
 
-def prepared_path(root: str | Path, name: str) -> Path:
-    return Path(root) / "prepared" / f"{name}.pt"
+def prepared_path(root: str | Path, name: str, val_size: int = 5000, seed: int = 0) -> Path:
+    """One file per (dataset, validation size, split seed): a run never rewrites another's splits."""
+    return Path(root) / "prepared" / f"{name}-val{val_size}-seed{seed}.pt"
 
 
-def dataset_checksum(name: str) -> str:
-    """One digest naming the exact data (the decoded IDX md5s together)."""
-    return hashlib.md5("".join(s.md5 for s in DATASETS[name]).encode()).hexdigest()[:12]
+SPLIT_KEYS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+
+
+def splits_checksum(splits: dict) -> str:
+    """SHA-256 (first 16 hex digits) of the split tensors themselves: names the exact data a run used."""
+    h = hashlib.sha256()
+    for key in SPLIT_KEYS:
+        t = splits[key].contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(memoryview(t.numpy()).cast("B"))
+    return h.hexdigest()[:16]
 
 
 def prepare(name: str, root: str | Path = "data", val_size: int = 5000, seed: int = 0, log=print) -> Path:
-    """Write train / val (seeded hold-out from train) / test uint8 splits to ``<root>/prepared/<name>.pt``."""
+    """Write train / val (seeded hold-out from train) / test uint8 splits to ``prepared_path(...)``,
+    with the checksum of their content."""
+    if name not in DATASETS:
+        raise DataError(f"no dataset '{name}' to prepare (choose one of {', '.join(DATASETS)})")
     rd = raw_dir(root, name)
     arrays = {}
     for spec in DATASETS[name]:
@@ -239,17 +251,17 @@ def prepare(name: str, root: str | Path = "data", val_size: int = 5000, seed: in
         "val_x": x[val_idx].clone(), "val_y": y[val_idx].clone(),
         "test_x": torch.from_numpy(arrays["t10k-images-idx3-ubyte"].copy()),
         "test_y": torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
-        "checksum": dataset_checksum(name), "name": name, "val_size": val_size, "split_seed": seed,
+        "name": name, "val_size": val_size, "split_seed": seed,
     }
-    out = prepared_path(root, name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    splits["checksum"] = splits_checksum(splits)
+    out = prepared_path(root, name, val_size, seed)
+    buf = io.BytesIO()
+    torch.save(splits, buf)
     try:
-        torch.save(splits, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        _atomic_write(out, buf.getvalue())
+    except OSError as exc:  # disk full, permissions: one line, and no partial file left
+        raise DataError(f"{out}: cannot write ({exc.strerror or exc}). Free space or fix permissions, "
+                        "then prepare again.") from None
     log(f"prepared {out}: train {len(train_idx)}, val {len(val_idx)}, test {len(splits['test_x'])}")
     return out
 
@@ -273,31 +285,29 @@ def load_splits(cfg_data, log=print) -> dict:
     """The prepared splits for ``cfg_data``, fetching and preparing first if needed."""
     if cfg_data.name == "synthetic":
         return synthetic_splits(cfg_data.synthetic_size, cfg_data.val_size)
-    path = prepared_path(cfg_data.root, cfg_data.name)
-    splits = load_prepared(path) if path.exists() else None
-    if splits is None or splits.get("val_size") != cfg_data.val_size:
+    path = prepared_path(cfg_data.root, cfg_data.name, cfg_data.val_size, cfg_data.split_seed)
+    if not path.exists():
         fetch(cfg_data.name, cfg_data.root, log=log)  # a no-op when the raw files verify
-        prepare(cfg_data.name, cfg_data.root, cfg_data.val_size, log=log)
-        splits = load_prepared(path)
-    return splits
-
-
-SPLIT_KEYS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "checksum")
+        prepare(cfg_data.name, cfg_data.root, cfg_data.val_size, cfg_data.split_seed, log=log)
+    return load_prepared(path)
 
 
 def load_prepared(path: Path) -> dict:
-    """The splits saved by ``prepare``; a DataError of one line (the file and the fix) if the
-    file is unreadable or not a split file. torch's own messages span several lines and, for
-    weights_only, suggest disabling the safety check, so only the exception type is kept."""
+    """The splits saved by ``prepare``, verified against their checksum; a DataError of one line
+    (the file and the fix) if the file is unreadable, not a split file, or altered. torch's own
+    messages span several lines and, for weights_only, suggest disabling the safety check, so
+    only the exception type is kept."""
+    fix = "Delete it (the next run prepares it again from the raw files) or run `dvc repro prepare`."
     try:
         splits = torch.load(path, weights_only=True)
-        ok = isinstance(splits, dict) and all(k in splits for k in SPLIT_KEYS)
+        ok = isinstance(splits, dict) and all(k in splits for k in (*SPLIT_KEYS, "checksum"))
         reason = "" if ok else "not a prepared split file"
     except Exception as exc:  # noqa: BLE001 - any load failure means the same fix
         reason = f"unreadable ({type(exc).__name__})"
+    if not reason and splits_checksum(splits) != splits["checksum"]:
+        reason = "its content does not match its checksum (damaged or altered)"
     if reason:
-        raise DataError(f"{path}: {reason}. Delete it (the next run prepares it again from the raw files) "
-                        f"or run `dvc repro prepare`.")
+        raise DataError(f"{path}: {reason}. {fix}")
     return splits
 
 

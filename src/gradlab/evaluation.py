@@ -38,6 +38,21 @@ def evaluate_split(model, data: DeviceData, batch_size: int = 1000, autocast=con
     return float(loss_sum / len(data)), float(acc), pred
 
 
+def store_of(state: dict, uri: Optional[str], path) -> str:
+    """The store holding the run that wrote the checkpoint (``uri``, else the one it was trained in)."""
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import ensure_store
+
+    uri = uri or state["tracking_uri"]
+    try:
+        ensure_store(uri).get_run(state["run_id"])
+    except MlflowException:
+        raise ConfigError("tracking_uri", f"run {state['run_id']} of {path} is not in {uri}: pass the store it was "
+                                          "trained in as tracking_uri=...") from None
+    return uri
+
+
 def evaluate(checkpoint_path: str | Path, metrics_file: Optional[str | Path] = None, batch_size: int = 1000,
              device: str = "auto", tracking_uri: Optional[str] = None, out_dir: Optional[Path] = None) -> dict:
     dev = resolve_device(device)
@@ -59,7 +74,7 @@ def evaluate(checkpoint_path: str | Path, metrics_file: Optional[str | Path] = N
     out_dir.mkdir(parents=True, exist_ok=True)
     image = plots.confusion_matrix(matrix, out_dir / "confusion_matrix.png",
                                    f"test confusion matrix (accuracy {acc:.4f})")
-    run = RunLogger.start(tracking_uri or state["tracking_uri"], "", "", {}, run_id=state["run_id"])
+    run = RunLogger.start(store_of(state, tracking_uri, checkpoint_path), "", "", {}, run_id=state["run_id"])
     run.log_metrics({"test/accuracy": acc, "test/loss": loss if np.isfinite(loss) else float("nan")},
                     step=steps, timestamp_ms=int(time.time() * 1000))
     run.log_artifact(image, "plots")

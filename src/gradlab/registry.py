@@ -16,13 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-
-class ConfigError(ValueError):
-    """A config value that type-checks but makes no sense; ``key`` is its dotted path."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key, self.message = key, message
+from .errors import ConfigError
 
 
 def choice(*options: str):

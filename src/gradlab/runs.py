@@ -35,7 +35,10 @@ class ParentRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.logger.close("FAILED" if exc_type is not None else self.status)
+        if exc_type is None:
+            self.logger.close(self.status)
+        else:  # stopped by a signal (SystemExit, KeyboardInterrupt): KILLED, MLflow's status for it
+            self.logger.close_after_error("FAILED" if issubclass(exc_type, Exception) else "KILLED")
 
     def child(self, overrides: Sequence[str], out_dir: Path, run_name: Optional[str] = None,
               tags: Optional[Dict[str, Any]] = None):

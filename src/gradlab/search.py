@@ -205,8 +205,12 @@ def open_study(spec: SearchSpec):
 
     name = spec.study_name or f"gradlab-{spec.sampler}-{time.strftime('%Y%m%d-%H%M%S')}"
     direction = spec.resolved_direction()
-    study = optuna.create_study(study_name=name, storage=spec.storage, sampler=_sampler(spec),
-                                direction=direction, load_if_exists=True)
+    try:
+        study = optuna.create_study(study_name=name, storage=spec.storage, sampler=_sampler(spec),
+                                    direction=direction, load_if_exists=True)
+    except Exception as exc:  # noqa: BLE001 - an unknown dialect, a refused connection: the URL is to blame
+        raise SearchSpecError(f"--storage {_redacted(spec.storage)}: cannot open the study storage "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     if study.direction.name.lower() != direction:
         raise SearchSpecError(f"study '{name}' exists and is to {study.direction.name.lower()}, not {direction}")
     metric = study.user_attrs.get("metric")

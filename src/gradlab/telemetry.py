@@ -17,7 +17,7 @@ values as marked points instead of dropping them silently.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -73,14 +73,17 @@ def layer_norms(per_tensor: List[torch.Tensor], index: torch.Tensor, n_layers: i
 
 @dataclass
 class History:
-    """Everything flushed so far, on the host."""
+    """Everything flushed so far, on the host: the source of the MLflow points, the plots, the
+    divergence and explosion records, and (in the checkpoint) of a resumed run's replay."""
 
+    layers: List[str] = field(default_factory=list)
     steps: List[int] = field(default_factory=list)
     rows: List[np.ndarray] = field(default_factory=list)  # [n, len(STEP_KEYS)]
     lr: List[float] = field(default_factory=list)
     layer_grad: List[np.ndarray] = field(default_factory=list)  # [n, L]: every step
     ratio_steps: List[int] = field(default_factory=list)  # the layer_every steps
     layer_ratio: List[np.ndarray] = field(default_factory=list)  # [L] per ratio step
+    epoch_points: List[tuple] = field(default_factory=list)  # (key, value, step) of each epoch's validation
 
     def column(self, key: str) -> np.ndarray:
         if not self.rows:
@@ -91,6 +94,23 @@ class History:
         """Per-layer gradient norms, [steps, layers]."""
         return np.concatenate(self.layer_grad) if self.layer_grad else np.zeros((0, n_layers))
 
+    def points(self, start: int = 0) -> List[tuple]:
+        """The MLflow points (key, value, step) of the steps from index ``start`` on: every step's
+        STEP_METRICS and lr; per-layer norms and update ratios on the layer steps."""
+        rows = np.concatenate(self.rows)[start:] if self.rows else np.zeros((0, len(STEP_KEYS)))
+        grads = self.layer_grid(len(self.layers))[start:]
+        ratios = dict(zip(self.ratio_steps, self.layer_ratio))
+        out = []
+        for j, step in enumerate(self.steps[start:]):
+            for key, value in zip(STEP_KEYS, rows[j]):
+                if key != "grad/threshold" or np.isfinite(value):  # NaN: no adaptive threshold at this step
+                    out.append((key, value, step))
+            out.append(("lr", self.lr[start + j], step))
+            if step in ratios:
+                out += [(f"grad/layer/{name}", g, step) for name, g in zip(self.layers, grads[j])]
+                out += [(f"update_ratio/{name}", r, step) for name, r in zip(self.layers, ratios[step])]
+        return out
+
     def truncate(self, last_step: int) -> None:
         """Drop everything recorded after ``last_step`` (garbage steps after a divergence)."""
         n = sum(1 for s in self.steps if s <= last_step)
@@ -100,28 +120,31 @@ class History:
         m = sum(1 for s in self.ratio_steps if s <= last_step)
         self.ratio_steps, self.layer_ratio = self.ratio_steps[:m], self.layer_ratio[:m]
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        """Tensors only, so a checkpoint loads with ``weights_only=True``."""
-        def grid(chunks, width):
-            return torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros((0, width), dtype=torch.float64)
-
-        n_layers = self.layer_grad[0].shape[1] if self.layer_grad else 0
-        return {"steps": torch.tensor(self.steps, dtype=torch.long), "lr": torch.tensor(self.lr, dtype=torch.float64),
-                "rows": grid(self.rows, len(STEP_KEYS)), "layer_grad": grid(self.layer_grad, n_layers),
+    def state_dict(self) -> Dict[str, Any]:
+        """Tensors and plain types only, so a checkpoint loads with ``weights_only=True``."""
+        n_layers = len(self.layers)
+        empty = torch.zeros((0, n_layers), dtype=torch.float64)
+        return {"layers": list(self.layers), "steps": torch.tensor(self.steps, dtype=torch.long),
+                "lr": torch.tensor(self.lr, dtype=torch.float64),
+                "rows": torch.from_numpy(np.concatenate(self.rows)) if self.rows
+                else torch.zeros((0, len(STEP_KEYS)), dtype=torch.float64),
+                "layer_grad": torch.from_numpy(self.layer_grid(n_layers)),
                 "ratio_steps": torch.tensor(self.ratio_steps, dtype=torch.long),
-                "layer_ratio": torch.from_numpy(np.stack(self.layer_ratio)) if self.layer_ratio
-                else torch.zeros((0, n_layers), dtype=torch.float64)}
+                "layer_ratio": torch.from_numpy(np.stack(self.layer_ratio)) if self.layer_ratio else empty,
+                "epoch_points": [(k, float(v), int(s)) for k, v, s in self.epoch_points]}
 
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.layers = list(state["layers"])
         self.steps, self.lr = state["steps"].tolist(), state["lr"].tolist()
         self.rows = [state["rows"].numpy()] if len(self.steps) else []
         self.layer_grad = [state["layer_grad"].numpy()] if len(self.steps) else []
         self.ratio_steps = state["ratio_steps"].tolist()
         self.layer_ratio = list(state["layer_ratio"].numpy())
+        self.epoch_points = [tuple(p) for p in state["epoch_points"]]
 
 
 class Recorder:
-    """Device-side per-step buffer; ``flush`` returns the new host rows as MLflow points."""
+    """Device-side per-step buffer; ``flush`` moves the pending rows to the host history."""
 
     def __init__(self, param_names: Sequence[str], device: torch.device, log_every: int, layer_every: int):
         self.layers, index = group_layers(param_names)
@@ -132,7 +155,7 @@ class Recorder:
         self.buf = torch.full((log_every, len(STEP_KEYS) + 2 * n_layers), float("nan"), device=device)
         self.pending_steps: List[int] = []
         self.pending_lr: List[float] = []
-        self.history = History()
+        self.history = History(layers=list(self.layers))
 
     def is_layer_step(self, step: int) -> bool:
         return step % self.layer_every == 0
@@ -158,34 +181,25 @@ class Recorder:
         return len(self.pending_steps) >= self.log_every
 
     def flush(self) -> List[tuple]:
-        """One device->host copy of the pending rows; returns (key, value, step) points."""
+        """One device->host copy of the pending rows into the history; returns their MLflow points."""
         n = len(self.pending_steps)
         if n == 0:
             return []
         host = self.buf[:n].cpu().numpy().astype(np.float64)
         self.buf.fill_(float("nan"))
         k, nl = len(STEP_KEYS), len(self.layers)
-        points = []
         h = self.history
+        start = len(h.steps)
         for j, step in enumerate(self.pending_steps):
-            row = host[j]
-            for c, key in enumerate(STEP_KEYS):
-                if key == "grad/threshold" and not np.isfinite(row[c]):
-                    continue  # no adaptive threshold (yet) at this step
-                points.append((key, row[c], step))
-            points.append(("lr", self.pending_lr[j], step))
             if self.is_layer_step(step):
                 h.ratio_steps.append(step)
-                h.layer_ratio.append(row[k + nl:k + 2 * nl])
-                for li, name in enumerate(self.layers):
-                    points.append((f"grad/layer/{name}", row[k + li], step))
-                    points.append((f"update_ratio/{name}", row[k + nl + li], step))
+                h.layer_ratio.append(host[j, k + nl:k + 2 * nl])
         h.steps += self.pending_steps
         h.lr += self.pending_lr
         h.rows.append(host[:, :k])
         h.layer_grad.append(host[:, k:k + nl])
         self.pending_steps, self.pending_lr = [], []
-        return points
+        return h.points(start)
 
 
 # ---------------------------------------------------------------- host-side analysis

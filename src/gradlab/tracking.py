@@ -1,24 +1,36 @@
-"""MLflow bookkeeping: one run per training job, metrics sent in batches.
+"""MLflow bookkeeping: the store, one run per training job, metrics sent in batches.
 
 Uses ``MlflowClient`` (no fluent global run) so Hydra multiruns, joblib workers and
 nested matrix/search runs all work the same way. Metric points are queued and sent
-with ``log_batch`` in chunks of up to 1000, asynchronously; ``close`` waits for every
-chunk, so nothing logged is lost.
+with ``log_batch`` in chunks of up to 1000, asynchronously; ``flush``/``close`` wait for
+every chunk, so nothing logged is lost.
+
+The store is opened once per process (``ensure_store``): a SQLite store is created or
+migrated under an inter-process file lock and switched to WAL mode, so any number of
+independent processes can start on a new store at once; an HTTP server is probed with a
+short timeout, so an unreachable one fails in seconds, not minutes; and runs left RUNNING
+by a process that died (kill -9, a crashed machine) are closed as KILLED.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
+import sqlite3
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Set
 
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from omegaconf import OmegaConf
 
-from .stabilizers import stabilizer_label
+from .errors import StorageError
 
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params/tags
@@ -33,11 +45,96 @@ def tracking_uri(uri: Optional[str] = None) -> str:
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+HEARTBEAT_S = 30  # a live run refreshes its heartbeat tag at most this often ...
+STALE_AFTER_S = 15 * 60  # ... and one silent for this long (or whose process is gone) is closed as KILLED
+HOST = socket.gethostname()
+_ready: Set[str] = set()  # stores this process has opened
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///`` URI (relative, or absolute with four slashes)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def ensure_store(uri: str) -> MlflowClient:
-    """Create/upgrade the store now (before parallel jobs race on a new SQLite schema)."""
-    client = MlflowClient(uri)
-    client.search_experiments(max_results=1)
+    """A client on a ready store at ``uri`` (see the module docstring); StorageError if it cannot be."""
+    db = sqlite_path(uri)
+    if db is not None:
+        _check_writable(db)
+        with FileLock(f"{db}.lock", timeout=300):
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)  # creates / migrates the schema
+            if uri not in _ready:
+                with sqlite3.connect(db, timeout=30) as con:
+                    con.execute("PRAGMA journal_mode=WAL")  # readers no longer block the writer
+    else:
+        if uri.startswith(("http://", "https://")):
+            _probe(uri)
+        client = MlflowClient(uri)
+    if uri not in _ready:
+        close_stale_runs(client)
+        _ready.add(uri)
     return client
+
+
+def checkpoint_wal(uri: str) -> None:
+    """Fold the write-ahead log into the database file (what SQLite does when the last connection
+    closes; MLflow keeps its pool open), so a copy of mlflow.db alone holds every closed run."""
+    db = sqlite_path(uri)
+    if db is not None and db.exists():
+        with sqlite3.connect(db, timeout=30) as con:
+            con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
+def _check_writable(db: Path) -> None:
+    folder = db.parent.resolve()
+    if not folder.is_dir():
+        raise StorageError(f"{folder}: no such directory for the MLflow store {db.name}. Create it or choose "
+                           f"another tracking.uri.")
+    if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+        raise StorageError(f"{db}: the MLflow store is read-only here. Choose a writable tracking.uri.")
+
+
+def _probe(uri: str) -> None:
+    """Fail within seconds on an unreachable server, and bound MLflow's own retries (by default
+    7 retries with exponential backoff and 120 s timeouts, minutes before an error)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise StorageError(f"tracking server {uri} is not reachable ({reason}). Start it or choose another "
+                           "tracking.uri.") from None
+
+
+def close_stale_runs(client: MlflowClient) -> List[str]:
+    """Close as KILLED the gradlab runs left RUNNING by a process that is gone: on this host, its
+    pid no longer exists; anywhere, its heartbeat is older than STALE_AFTER_S. Returns their ids."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    closed = []
+    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000) if experiments else []:
+        tags = run.data.tags
+        if "gradlab.pid" not in tags:
+            continue  # not ours to judge
+        beat = float(tags.get("gradlab.heartbeat", run.info.start_time / 1000))
+        gone = tags.get("gradlab.host") == HOST and not _alive(int(tags["gradlab.pid"]))
+        if gone or time.time() - beat > STALE_AFTER_S:
+            client.set_tag(run.info.run_id, "gradlab.closed", f"KILLED by pid {os.getpid()}: its process was gone")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare_store(uri: Optional[str], experiment: Optional[str] = None) -> str:
@@ -72,7 +169,7 @@ def git_commit() -> str:
 
 
 def flatten(cfg) -> Dict[str, str]:
-    """The resolved config as dotted-key params."""
+    """The resolved config (or a saved plain one) as dotted-key params."""
     out: Dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -82,24 +179,39 @@ def flatten(cfg) -> Dict[str, str]:
         else:
             out[prefix[:-1]] = str(node)
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg, "")
     return out
 
 
 def run_name(cfg) -> str:
+    from .stabilizers import stabilizer_label
+
     return cfg.tracking.run_name or f"{cfg.model.name}-{stabilizer_label(cfg.stabilizer)}-s{cfg.seed}"
+
+
+ENV_TAGS = ("device", "torch_version", "threads", "cpu_capability")  # what decides the arithmetic besides the config
+
+
+def environment_tags(device) -> Dict[str, str]:
+    """The conditions under which a run's numbers are bit-for-bit reproducible (README: Reproducibility)."""
+    import torch
+
+    return {"device": str(device), "torch_version": torch.__version__, "threads": str(torch.get_num_threads()),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def run_tags(cfg, device, data_checksum: str) -> Dict[str, str]:
     """What a training run is, as tags: the columns to filter and group by in the MLflow UI."""
+    from .stabilizers import stabilizer_label
+
     return {"model": cfg.model.name, "optimizer": cfg.optimizer.name, "data": cfg.data.name,
             "stabilizer": stabilizer_label(cfg.stabilizer), "scenario": cfg.scenario, "seed": cfg.seed,
             "scheduler": cfg.scheduler.name, "git_commit": git_commit(), "data_checksum": data_checksum,
-            "config_hash": config_hash(flatten(cfg)), "device": str(device),
+            "config_hash": config_hash(flatten(cfg)), **environment_tags(device),
             **{str(k): str(v) for k, v in (cfg.tracking.tags or {}).items()}}
 
 
-RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.resume")  # besides tracking.*
+RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress")  # besides tracking.*
 
 
 def config_hash(params: Dict[str, str]) -> str:
@@ -111,13 +223,17 @@ def config_hash(params: Dict[str, str]) -> str:
 
 
 class RunLogger:
-    """A live MLflow run with a batched metric queue."""
+    """A live MLflow run with a batched metric queue. Points whose (key, step) the run already
+    holds can be skipped (``skip_logged``), so a resumed run never stores a step twice."""
 
     def __init__(self, client: MlflowClient, run_id: str):
         self.client, self.run_id = client, run_id
         self.pending: List[Metric] = []
         self.operations = []
         self.logged_points = 0
+        self.skip: Dict[str, Set[int]] = {}
+        self.beat = 0.0
+        self.closed = False
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, tags: Dict[str, str],
@@ -133,12 +249,29 @@ class RunLogger:
                     client.set_tag(run_id, k, str(v))
         if run_id is not None:  # resume into the same run
             client.update_run(run_id, status="RUNNING")
-            return cls(client, run_id)
-        tags = dict(tags)
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
-        return cls(client, run.info.run_id)
+            logger = cls(client, run_id)
+        else:
+            tags = dict(tags)
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
+            logger = cls(client, run.info.run_id)
+        logger.set_tags({"gradlab.host": HOST, "gradlab.pid": os.getpid()})
+        logger.heartbeat()
+        return logger
+
+    def heartbeat(self, force: bool = True) -> None:
+        """Tell other processes this run is alive (see close_stale_runs)."""
+        now = time.time()
+        if force or now - self.beat > HEARTBEAT_S:
+            self.client.set_tag(self.run_id, "gradlab.heartbeat", f"{now:.0f}")
+            self.beat = now
+
+    def skip_logged(self) -> Dict[str, Set[int]]:
+        """Remember every (key, step) the run already holds: those points are not sent again."""
+        for key in self.client.get_run(self.run_id).data.metrics:
+            self.skip[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        return self.skip
 
     def log_params(self, params: Dict[str, str]) -> None:
         items = [Param(k, v[:6000]) for k, v in params.items()]
@@ -152,7 +285,10 @@ class RunLogger:
 
     def log_points(self, points: Iterable[tuple], timestamp_ms: int) -> None:
         """Queue (key, value, step) points; full chunks go out asynchronously."""
+        if self.skip:
+            points = [p for p in points if int(p[2]) not in self.skip.get(p[0], ())]
         self.pending += [Metric(k, float(v), timestamp_ms, int(s)) for k, v, s in points]
+        self.heartbeat(force=False)
         while len(self.pending) >= BATCH:
             self._send(self.pending[:BATCH])
             self.pending = self.pending[BATCH:]
@@ -181,5 +317,16 @@ class RunLogger:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def close(self, status: str = "FINISHED") -> None:
+        if self.closed:
+            return
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
+        self.closed = True
+        checkpoint_wal(self.client.tracking_uri)
+
+    def close_after_error(self, status: str) -> None:
+        """Close after an error without hiding it: a store that fails too (a full disk) is left as it is."""
+        try:
+            self.close(status)
+        except Exception:  # noqa: BLE001 - the original error is what the user must see
+            self.closed = True

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,13 +27,15 @@ from tqdm import tqdm
 
 from . import checkpoint, plots
 from .config import check, resolve_device
+from .errors import ConfigError
 from .data import DeviceData, EpochOrder, load_splits
 from .engine import StepEngine
 from .evaluation import evaluate_split
 from .models import build_model
 from .stabilizers import stabilizer_label
+from .resume import BUDGET_KEYS, HOW_KEYS, resume_config, resume_key
 from .telemetry import DivergenceWatch, Explosion, detect_explosion
-from .tracking import RunLogger, flatten, run_name, run_tags, tracking_uri
+from .tracking import ENV_TAGS, RunLogger, ensure_store, flatten, run_name, run_tags, tracking_uri
 
 MAX_CONSECUTIVE_SKIPS = 100  # a run that skips this many steps in a row has diverged too
 
@@ -67,12 +71,38 @@ class TrainResult:
     seconds_per_step: float
 
 
+class StopSignal:
+    """SIGTERM / SIGINT while training set a flag that the loop reads between steps (a handler
+    raising mid-step could leave a half-applied update); the loop then saves and exits. The
+    first signal restores the previous handler, so a second one acts at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 class Trainer:
     """One run: the data on the device, the step engine, and the loop that drives it."""
 
     def __init__(self, cfg, output_dir: Path):
         check(cfg)
         self.cfg, self.output_dir = cfg, Path(output_dir)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
         self.device = resolve_device(cfg.trainer.device)
         seed_everything(cfg.seed, cfg.trainer.deterministic)
         splits = load_splits(cfg.data, log=log)
@@ -85,8 +115,11 @@ class Trainer:
         model = build_model(cfg.model, cfg.data).to(self.device)
         self.engine = StepEngine(cfg, model, self.device, self.total_steps, per_epoch)
         self.divergence = DivergenceWatch(MAX_CONSECUTIVE_SKIPS)
+        self.checkpoint_path = Path(cfg.trainer.checkpoint or self.output_dir / "model.pt").resolve()
+        self.last_checkpoint = 0  # step of the latest crash-safety checkpoint
         self.train_seconds = 0.0
         self.run_id: Optional[str] = None
+        self.resumed: Optional[dict] = None  # what the checkpoint we resume from says about its run
         self.last_val = (math.nan, math.nan)  # (loss, accuracy) of the latest validation
         self.bar = None
         if cfg.trainer.resume:
@@ -103,34 +136,62 @@ class Trainer:
     # ------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
         run = self.start_run()
-        try:
-            t0 = time.perf_counter()
-            while not self.done:
-                for x, y in self.order.batches(self.train_data):
-                    self.engine.step(x, y)
-                    if self.engine.recorder.full:
-                        self.flush(run)
-                    if self.done:
-                        break
-                self.flush(run)
-                if self.order.epoch_done and self.divergence.step is None:
-                    self.end_epoch(run)
-            self.train_seconds += time.perf_counter() - t0
-            return self.finish(run)
-        except BaseException:
-            run.close("FAILED")
-            raise
-        finally:
-            self.bar.close()
+        t0 = time.perf_counter()
+        with StopSignal() as stop:
+            try:
+                while not self.done:
+                    for x, y in self.order.batches(self.train_data):
+                        self.engine.step(x, y)
+                        if self.engine.recorder.full:
+                            self.flush(run)
+                        if self.done or stop.signum:
+                            break
+                    if stop.signum:
+                        self.stop(run, stop.signum, t0)
+                    self.flush(run)
+                    if self.order.epoch_done and self.divergence.step is None:
+                        self.end_epoch(run)
+                self.train_seconds += time.perf_counter() - t0
+                return self.finish(run)
+            except BaseException:
+                run.close_after_error("FAILED")
+                raise
+            finally:
+                self.bar.close()
+
+    def stop(self, run: RunLogger, signum: int, t0: float) -> None:
+        """Stopped by a signal: everything recorded goes to MLflow, a checkpoint to resume from, the
+        run is KILLED (MLflow's status for it), and the process exits with 128 + the signal."""
+        self.train_seconds += time.perf_counter() - t0
+        self.flush(run, checkpoint=False)
+        name = signal.Signals(signum).name
+        if self.divergence.step is None:
+            self.checkpoint(run)
+            log(f"gradlab: stopped by {name} at step {self.engine.step_count}: checkpoint {self.checkpoint_path}; "
+                f"continue with trainer.resume={self.checkpoint_path} (or trainer.resume=auto)")
+        run.set_tags({"gradlab.stopped": f"{name} at step {self.engine.step_count}"})
+        run.close("KILLED")
+        raise SystemExit(128 + signum)
 
     def start_run(self) -> RunLogger:
-        cfg = self.cfg
-        tags = run_tags(cfg, device=self.device, data_checksum=self.data_checksum)
-        run = RunLogger.start(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, run_name(cfg), tags,
-                              cfg.tracking.parent_run_id, self.run_id)
+        """The MLflow run: a new one, or (resuming an interrupted run) the same run, which is sent
+        only the points it lacks; a finished run is never rewritten: its continuation is a new run."""
+        cfg, resumed = self.cfg, self.resumed
+        uri = tracking_uri(cfg.tracking.uri)
+        same = resumed is not None and run_is_open(uri, resumed["run_id"])
+        run = RunLogger.start(uri, cfg.tracking.experiment, run_name(cfg), self.tags(), cfg.tracking.parent_run_id,
+                              resumed["run_id"] if same else None)
         self.run_id = run.run_id
-        if self.engine.step_count == 0:
+        if same:
+            run.skip_logged()
+            run.set_tags({k: v for k, v in self.tags().items() if k.startswith("gradlab.") or k in ENV_TAGS})
+            if cfg.tracking.run_name:
+                run.set_tags({"mlflow.runName": cfg.tracking.run_name})
+        else:
             run.log_params(flatten(cfg))
+        if resumed is not None:
+            run.log_points(self.history.points() + self.history.epoch_points, now_ms())
+            run.set_tags(self.resume_tags(same))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         interactive = cfg.trainer.progress and sys.stderr.isatty()
@@ -138,9 +199,24 @@ class Trainer:
                         dynamic_ncols=True)
         return run
 
-    def flush(self, run: RunLogger) -> None:
+    def tags(self) -> dict:
+        return {**run_tags(self.cfg, device=self.device, data_checksum=self.data_checksum),
+                "gradlab.checkpoint": str(self.checkpoint_path), "gradlab.resume_key": resume_key(self.cfg)}
+
+    def resume_tags(self, same_run: bool) -> dict:
+        before, now = flatten(self.resumed["config"]), flatten(self.cfg)
+        changed = [f"{k}: {before.get(k)} -> {now[k]}" for k in sorted(now)
+                   if k in BUDGET_KEYS + HOW_KEYS and before.get(k) != now[k]]
+        tags = {"resume/count": self.resumed["count"], "resume/from_step": self.resumed["step"],
+                "resume/changed": "; ".join(changed) or "nothing"}
+        if not same_run:
+            tags["resumed_from"] = self.resumed["run_id"]
+        return tags
+
+    def flush(self, run: RunLogger, checkpoint: bool = True) -> None:
         """One device->host copy of the pending rows; the new rows are checked for divergence, and
-        their points go to MLflow up to and including a divergence step, nothing after it."""
+        their points go to MLflow up to and including a divergence step, nothing after it. Every
+        ``trainer.checkpoint_every`` steps, a crash-safety checkpoint follows."""
         h = self.history
         known = len(h.steps)
         points = self.engine.recorder.flush()
@@ -154,16 +230,32 @@ class Trainer:
             self.bar.update(h.steps[-1] + 1 - self.bar.n)
             self.bar.set_postfix(epoch=self.order.epoch, loss=f"{h.column('train/loss')[-1]:.4g}",
                                  grad=f"{h.column('grad/norm')[-1]:.3g}")
+        every = self.cfg.trainer.checkpoint_every
+        if checkpoint and every and self.divergence.step is None and \
+                self.engine.step_count - self.last_checkpoint >= every and not self.done:
+            self.checkpoint(run)
 
-    def validate(self, run: RunLogger) -> float:
+    def checkpoint(self, run: RunLogger) -> None:
+        """MLflow first holds every point the checkpoint's history holds, then the file is replaced atomically."""
+        run.flush()
+        self.save(self.checkpoint_path)
+        self.last_checkpoint = self.engine.step_count
+        run.heartbeat()
+
+    def validate(self, run: RunLogger) -> list:
+        """Validation points (and this epoch's training accuracy), logged at the current step."""
         val_loss, val_acc, _ = evaluate_split(self.engine.model, self.val_data, autocast=self.engine.autocast)
-        run.log_metrics({"train/accuracy": self.engine.reset_epoch_accuracy(), "val/accuracy": val_acc,
-                         "val/loss": val_loss}, step=self.engine.step_count, timestamp_ms=now_ms())
+        step = self.engine.step_count
+        points = [("train/accuracy", self.engine.reset_epoch_accuracy(), step), ("val/accuracy", val_acc, step),
+                  ("val/loss", val_loss, step)]
+        run.log_points(points, now_ms())
         self.last_val = (val_loss, val_acc)
-        return val_loss
+        return points
 
     def end_epoch(self, run: RunLogger) -> None:
-        self.engine.schedule.epoch_end(self.validate(run))
+        points = self.validate(run)
+        self.history.epoch_points += points  # a resumed run replays them; a final partial validation is not one
+        self.engine.schedule.epoch_end(points[2][1])
         self.order.next_epoch()
 
     # ------------------------------------------------------------ the end-of-run record
@@ -179,8 +271,7 @@ class Trainer:
         summary, tags = self.summary(explosion)
         run.log_metrics(summary, step=h.steps[-1] if h.steps else 0, timestamp_ms=now_ms())
         run.set_tags(tags)
-        ckpt = Path(cfg.trainer.checkpoint) if cfg.trainer.checkpoint else self.output_dir / "model.pt"
-        self.save(ckpt)
+        ckpt = self.save(self.checkpoint_path)
         run.log_artifact(self.output_dir / "config.yaml")
         run.log_artifact(ckpt, "checkpoint")
         if cfg.telemetry.plots and h.steps:
@@ -227,15 +318,40 @@ class Trainer:
             "config": OmegaConf.to_container(self.cfg, resolve=True), "engine": self.engine.state_dict(),
             "order": self.order.state_dict(), "history": self.history.state_dict(), "step": len(self.history.steps),
             "train_seconds": self.train_seconds, "run_id": self.run_id, "tracking_uri": tracking_uri(self.cfg.tracking.uri),
-            "data_checksum": self.data_checksum, "diverged_at_step": self.divergence.step})
+            "data_checksum": self.data_checksum, "diverged_at_step": self.divergence.step,
+            "resume_count": self.resumed["count"] if self.resumed else 0})
 
     def load(self, path: str) -> None:
         state = checkpoint.load(path, self.device, "trainer.resume")
-        self.engine.load_state_dict(state["engine"])
+        if state["data_checksum"] != self.data_checksum:
+            raise ConfigError("trainer.resume", f"{path} was trained on data {state['data_checksum']}, the data "
+                                                f"here is {self.data_checksum}")
+        try:
+            self.engine.load_state_dict(state["engine"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ConfigError("trainer.resume", f"{path} does not fit this run's model/optimizer/stabilizers "
+                                                f"({str(exc).splitlines()[0][:200]})") from None
         self.order.load_state_dict(state["order"])
         self.history.load_state_dict(state["history"])
-        self.train_seconds, self.run_id = state["train_seconds"], state["run_id"]
+        self.train_seconds = state["train_seconds"]
+        self.last_checkpoint = self.engine.step_count
+        self.resumed = {"run_id": state["run_id"], "step": self.engine.step_count, "config": state["config"],
+                        "count": state.get("resume_count", 0) + 1}
 
 
-def train(cfg, output_dir: Path) -> TrainResult:
+def run_is_open(uri: str, run_id: str) -> bool:
+    """Whether ``run_id`` exists in the store at ``uri`` and is not FINISHED (a resume continues it)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return ensure_store(uri).get_run(run_id).info.status != "FINISHED"
+    except MlflowException:
+        return False
+
+
+def train(cfg, output_dir: Path, overrides: Optional[Sequence[str]] = None) -> TrainResult:
+    """Train one run. With ``trainer.resume``, the config is the checkpoint's (gradlab.resume);
+    ``overrides`` (the command line's) tell which of its keys the user set."""
+    if cfg.trainer.resume:
+        cfg = resume_config(cfg, overrides)
     return Trainer(cfg, output_dir).fit()
