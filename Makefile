@@ -27,6 +27,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 ui: $(STAMP)
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the Model-training view)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db
 
 bench: $(STAMP)

@@ -20,8 +20,14 @@ def main(cfg) -> float:
 
     hydra_cfg = HydraConfig.get()
     result = train(cfg, Path(hydra_cfg.runtime.output_dir), overrides=list(hydra_cfg.overrides.task))
+    from mlflow import MlflowClient
+
+    from gradlab.tracking import ui_url
+
     state = "diverged at step %d" % result.diverged_at_step if result.diverged else "finished"
     print(f"run {result.run_id} {state}: {result.steps} steps, val accuracy {result.val_accuracy:.4f}")
+    experiment = MlflowClient(result.tracking_uri).get_run(result.run_id).info.experiment_id
+    print(f"  in the MLflow UI: {ui_url(result.tracking_uri, experiment, result.run_id)}")
     return result.val_accuracy
 
 

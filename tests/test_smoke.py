@@ -19,6 +19,6 @@ def test_train_then_evaluate_cli(tmp_path):
     client = MlflowClient(uri)
     run_ = client.get_run(metrics["run_id"])
     assert run_.data.tags["stabilizer"] == "warmup+clip"
-    assert run_.info.run_name == "mlp-warmup+clip-s0"
+    assert run_.info.run_name == f"mlp-warmup+clip-s0-{run_.info.run_id[:6]}"
     assert len(client.get_metric_history(run_.info.run_id, "grad/norm")) == 20
     assert "test/accuracy" in run_.data.metrics

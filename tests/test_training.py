@@ -47,7 +47,7 @@ def test_run_tags_and_name(tiny_run):
     r = tiny_run["result"]
     run = client(r.tracking_uri).get_run(r.run_id)
     tags = run.data.tags
-    assert run.info.run_name == "mlp-warmup+clip-s0"
+    assert run.info.run_name == f"mlp-warmup+clip-s0-{run.info.run_id[:6]}"
     assert tags["model"] == "mlp"
     assert tags["optimizer"] == "adam"
     assert tags["data"] == "synthetic"
@@ -61,17 +61,31 @@ def test_run_tags_and_name(tiny_run):
     assert run.info.status == "FINISHED"
 
 
+def test_run_names_are_unique_and_the_outcome_dataset_and_selection_are_recorded(tiny_run):
+    """Two runs of one cell must not look alike in the runs table; the outcome is a tag column; the
+    data is an MLflow dataset input; the stabilizer selection is a param (compare / parallel coordinates)."""
+    r = tiny_run["result"]
+    c = client(r.tracking_uri)
+    run = c.get_run(r.run_id)
+    assert run.data.tags["outcome"] in ("ok", "stalled")  # the default scenario: no remedy to credit
+    assert run.data.params["stabilizer"] == "warmup+clip"
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "synthetic" and dataset.dataset.digest == run.data.tags["data_checksum"]
+    assert json.loads(dataset.dataset.profile)["num_rows"] == {"train": 512, "val": 256, "test": 256}
+    assert c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_run_name_single_stabilizer_and_none(tmp_path):
     cfg = tiny_cfg(tmp_path, "stabilizer=clip", "seed=3", steps=2)
     r = train(cfg, tmp_path / "out")
     run = client(r.tracking_uri).get_run(r.run_id)
-    assert run.info.run_name == "mlp-clip-s3"
+    assert run.info.run_name == f"mlp-clip-s3-{run.info.run_id[:6]}"
     assert run.data.tags["stabilizer"] == "clip"
     assert run.data.tags["seed"] == "3"
     cfg = tiny_cfg(tmp_path / "b", steps=2)
     r = train(cfg, tmp_path / "out_b")
     run = client(r.tracking_uri).get_run(r.run_id)
-    assert run.info.run_name == "mlp-none-s0"
+    assert run.info.run_name == f"mlp-none-s0-{run.info.run_id[:6]}"
     assert run.data.tags["stabilizer"] == "none"
 
 
@@ -278,7 +292,7 @@ def test_real_mnist_pipeline(tmp_path):
 
     run = client(uri).search_runs([client(uri).get_experiment_by_name("gradlab").experiment_id])[0]
     rid = run.info.run_id
-    assert run.info.run_name == "mlp-clip-s0" and run.data.tags["data"] == "mnist"
+    assert run.info.run_name == f"mlp-clip-s0-{run.info.run_id[:6]}" and run.data.tags["data"] == "mnist"
     pre = [v for _, v in history(uri, rid, "grad/norm")]
     post = [v for _, v in history(uri, rid, "grad/norm_after")]
     assert len(pre) == len(post) == 300

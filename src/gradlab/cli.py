@@ -7,6 +7,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from typing import Callable, List, NoReturn, Optional
@@ -111,8 +112,13 @@ def _command_line_overrides() -> List[str]:
 def run_cli(main_fn: Callable[[], object], hydra: bool = False) -> None:
     """Run an entry point (a ``@hydra.main`` function with ``hydra=True``, or an argparse ``main``):
     config errors become one line and exit 2, data and I/O errors one line and exit 1."""
-    from .config import diagnose_overrides
+    from .config import diagnose_overrides, help_text
 
+    if hydra and {"--help", "-h"} & set(sys.argv[1:]):
+        print(help_text(os.path.basename(sys.argv[0])))
+        return
+    if not hydra and not logging.getLogger().handlers:  # Hydra apps get Hydra's logging (and its run's .log file)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let errors reach us instead of Hydra's printer
     try:
         main_fn()

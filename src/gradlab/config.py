@@ -57,6 +57,8 @@ class TrainerConfig(Schema):
     precision: str = choice("32", "bf16", "fp16")
     checkpoint: Optional[str] = None  # where the checkpoint goes (default: the run's output dir)/model.pt
     checkpoint_every: int = 500  # steps between crash-safety checkpoints (0: only at the end)
+    log_checkpoint: bool = True  # upload the final checkpoint as a run artifact (matrix/search children: off)
+    log_model: bool = False  # also log it as an MLflow model with a signature (the DVC baseline does)
     resume: Optional[str] = None  # a checkpoint to continue from, or auto: the last interrupted run of this config
     threads: int = 0  # torch intra-op threads (0: torch's default, one per core); results depend on it
     progress: bool = True  # progress bar (only on a terminal)
@@ -79,6 +81,7 @@ class TrackingConfig(Schema):
     run_name: Optional[str] = None  # default: <model>-<stabilizers>-s<seed>
     parent_run_id: Optional[str] = None  # nest this run under a parent (matrix, search)
     tags: Any = field(default_factory=dict)  # extra tags, e.g. scenario=...
+    system_metrics: bool = False  # MLflow's CPU/memory/GPU samples (system/*) every 10 s
 
 
 @dataclass
@@ -300,6 +303,27 @@ def options_table() -> str:
                 knobs.append(f"`{f.name}={shown}`{alternatives}")
             rows.append(f"| {group} | `{entry.name}` | {', '.join(knobs) or '—'} |")
     return "\n".join(rows)
+
+
+def help_text(script: str) -> str:
+    """``--help`` of the Hydra entry points: the selectable groups and options (from the registries
+    and conf/), not Hydra's listing, which would show the internal schema/* groups."""
+    conf = conf_dir()
+    groups = {"data": sorted(p.stem for p in (conf / "data").glob("*.yaml")), **{g: r.names() for g, r in GROUPS.items()},
+              "stabilizer": [*STABILIZERS.names(), "(several: stabilizer=[warmup,clip])"], "experiment": scenario_names()}
+    lines = [f"{script}: gradlab's {'training run' if script == 'train.py' else 'test-set evaluation'} "
+             "(Hydra app; overrides: key=value, group=option)", "",
+             f"Usage: python src/{script} [overrides] [--cfg job] [-m for sweeps] [--hydra-help]", ""]
+    if script == "train.py":
+        lines += ["Config groups (option names):"] + [f"  {g:<11} {', '.join(o)}" for g, o in groups.items()]
+        lines += ["", "Every option's knobs and defaults: README 'Command-line forms', or python -m gradlab.config.",
+                  "Examples:", "  python src/train.py stabilizer=clip",
+                  "  python src/train.py experiment=explode_rnn 'stabilizer=[warmup,clip]' seed=1",
+                  "  python src/train.py experiment=explode_rnn stabilizer=clip trainer.resume=auto"]
+    else:
+        lines += ["Keys: checkpoint, metrics_file, batch_size, device, tracking_uri",
+                  "Example: python src/evaluate.py checkpoint=models/model.pt metrics_file=metrics/test.json"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

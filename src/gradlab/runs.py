@@ -47,9 +47,11 @@ class ParentRun:
 
 def child_config(overrides: Sequence[str], out_dir: Path, parent_run_id: str, uri: str, experiment: str,
                  run_name: Optional[str] = None, tags: Optional[Dict[str, Any]] = None):
-    """The checked config of a child run. Paths, the URI and names are set on the composed config
-    rather than passed as overrides: no Hydra quoting trouble with odd characters."""
-    cfg = compose_config(overrides)
+    """The checked config of a child run. Children keep their checkpoint locally, not as an artifact
+    (a 72-run matrix would store hundreds of MB), unless ``trainer.log_checkpoint=true`` is given.
+    Paths, the URI and names are set on the composed config rather than passed as overrides: no
+    Hydra quoting trouble with odd characters."""
+    cfg = compose_config(["trainer.log_checkpoint=false", *overrides])  # an explicit override still wins
     OmegaConf.update(cfg, "trainer.checkpoint", str(Path(out_dir) / "model.pt"))
     OmegaConf.update(cfg, "tracking.uri", uri)
     OmegaConf.update(cfg, "tracking.experiment", experiment)

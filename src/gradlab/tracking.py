@@ -13,6 +13,7 @@ by a process that died (kill -9, a crashed machine) are closed as KILLED.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from filelock import FileLock
 from mlflow import MlflowClient
@@ -146,18 +147,41 @@ def prepare_store(uri: Optional[str], experiment: Optional[str] = None) -> str:
     return uri
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: a model-training experiment
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created if needed as a model-training experiment (MLflow 3's UI otherwise
+    opens it in its GenAI view, on an empty traces page)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # noqa: BLE001 - another worker created it first
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        except Exception:  # noqa: BLE001 - another worker created it first
+            exp = client.get_experiment_by_name(name)
+    if "mlflow.experimentKind" not in exp.tags:  # made by an older gradlab or another tool
+        client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return exp.experiment_id
 
 
+def launcher_run(client: MlflowClient, experiment: str, run_name: str, tags: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+    """`mlflow run` pre-creates a run (MLFLOW_RUN_ID) in the experiment it was given: Default unless
+    `--experiment-name`. Taken once (popped, so later jobs of a multirun get runs of their own).
+    Returns (run to adopt, launcher run to point at ours): a launcher run in our experiment is adopted;
+    one elsewhere is left as a pointer, so the record itself lands in our experiment."""
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+    if launcher is None:
+        return None, None
+    if client.get_run(launcher).info.experiment_id != experiment_id(client, experiment):
+        return None, launcher
+    client.log_batch(launcher, tags=[RunTag("mlflow.runName", run_name), *(RunTag(k, str(v)) for k, v in tags.items())])
+    return launcher, None
+
+
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """The commit of the checkout this code runs from (not of the cwd, which may be anywhere)."""
+    """The commit of the checkout this code runs from (not of the cwd, which may be anywhere); read
+    once per process."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
@@ -200,25 +224,47 @@ def environment_tags(device) -> Dict[str, str]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def ui_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where the run opens in the MLflow UI (`mlflow ui` for a local store), in its Model-training
+    view: MLflow 3's UI starts in its GenAI view unless the URL (or a click on the toggle) says otherwise."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def source_tags() -> Dict[str, str]:
+    """MLflow's own source tags (the runs table's Source column): the entry script and the commit."""
+    import sys
+
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    root = Path(__file__).resolve().parents[2]
+    name = str(script.relative_to(root)) if script and script.is_relative_to(root) else (script.name if script else "python")
+    commit = git_commit()
+    return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL",
+            **({"mlflow.source.git.commit": commit.removesuffix("-dirty")} if commit != "unknown" else {})}
+
+
 def run_tags(cfg, device, data_checksum: str) -> Dict[str, str]:
     """What a training run is, as tags: the columns to filter and group by in the MLflow UI."""
     from .stabilizers import stabilizer_label
 
-    return {"model": cfg.model.name, "optimizer": cfg.optimizer.name, "data": cfg.data.name,
+    return {**source_tags(), "model": cfg.model.name, "optimizer": cfg.optimizer.name, "data": cfg.data.name,
             "stabilizer": stabilizer_label(cfg.stabilizer), "scenario": cfg.scenario, "seed": cfg.seed,
             "scheduler": cfg.scheduler.name, "git_commit": git_commit(), "data_checksum": data_checksum,
             "config_hash": config_hash(flatten(cfg)), **environment_tags(device),
             **{str(k): str(v) for k, v in (cfg.tracking.tags or {}).items()}}
 
 
-RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress")  # besides tracking.*
+DERIVED_PARAMS = ("stabilizer",)  # logged beside the config for MLflow's views; not config keys themselves
+RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress",
+                     "trainer.log_checkpoint", "trainer.log_model")  # besides tracking.*
 
 
 def config_hash(params: Dict[str, str]) -> str:
     """12 hex digits naming a run's configuration without what differs between the seeds and
     reruns of one experiment (seed, file paths, tracking.*): every seed of a matrix cell, and
     the same cell run again, share it. ``params`` is ``flatten(cfg)`` or a run's logged params."""
-    kept = {k: v for k, v in params.items() if k not in RUN_SPECIFIC_KEYS and not k.startswith("tracking.")}
+    kept = {k: v for k, v in params.items()
+            if k not in RUN_SPECIFIC_KEYS + DERIVED_PARAMS and not k.startswith("tracking.")}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -237,28 +283,38 @@ class RunLogger:
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, tags: Dict[str, str],
-              parent_run_id: Optional[str] = None, run_id: Optional[str] = None) -> "RunLogger":
+              parent_run_id: Optional[str] = None, run_id: Optional[str] = None,
+              unique_name: bool = False) -> "RunLogger":
+        """A new run, or ``run_id`` continued. ``unique_name``: the name gets the run id's first
+        characters (two runs of the same cell must not look alike in the runs table)."""
         client = ensure_store(uri)
+        launcher = None
         if run_id is None and not parent_run_id:
-            # `mlflow run` pre-creates a run and passes its id; attach to it once (popped,
-            # so later jobs of a multirun get runs of their own)
-            run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-            if run_id is not None:
-                client.set_tag(run_id, "mlflow.runName", run_name)
-                for k, v in tags.items():
-                    client.set_tag(run_id, k, str(v))
+            run_id, launcher = launcher_run(client, experiment, run_name, tags)
+        extra: Dict[str, Any] = {"gradlab.host": HOST, "gradlab.pid": os.getpid()}
         if run_id is not None:  # resume into the same run
             client.update_run(run_id, status="RUNNING")
             logger = cls(client, run_id)
         else:
-            tags = dict(tags)
-            if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
+            tags = {**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
             run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
             logger = cls(client, run.info.run_id)
-        logger.set_tags({"gradlab.host": HOST, "gradlab.pid": os.getpid()})
+            if unique_name:
+                extra["mlflow.runName"] = f"{run_name}-{run.info.run_id[:6]}"
+            if launcher:
+                extra["gradlab.launched_by"] = launcher
+                client.set_tag(launcher, "gradlab.moved_to", f"{run.info.run_id} (experiment '{experiment}')")
+        logger.set_tags(extra)
         logger.heartbeat()
         return logger
+
+    def log_dataset(self, name: str, digest: str, source: str, sizes: Dict[str, int]) -> None:
+        """The data the run trained on, as an MLflow dataset input (the runs table's Datasets column)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                          profile=json.dumps({"num_rows": sizes}))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
     def heartbeat(self, force: bool = True) -> None:
         """Tell other processes this run is alive (see close_stale_runs)."""

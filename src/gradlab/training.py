@@ -10,6 +10,7 @@ everything logged up to that step, and returns normally.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -49,8 +50,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+logger = logging.getLogger("gradlab")
+PROGRESS_EVERY_S = 30.0  # without a terminal (dvc repro, CI, a log file): a progress line at most this often
+LEARNED = 0.5  # the outcome tag's bar: a finite run below this validation accuracy did not learn
+SYSTEM_METRICS_EVERY_S = 10.0  # tracking.system_metrics: MLflow's sampling interval
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    logger.info(msg)
 
 
 def now_ms() -> int:
@@ -107,6 +114,7 @@ class Trainer:
         seed_everything(cfg.seed, cfg.trainer.deterministic)
         splits = load_splits(cfg.data, log=log)
         self.data_checksum = splits["checksum"]
+        self.data_sizes = {k: len(splits[f"{k}_y"]) for k in ("train", "val", "test")}
         self.train_data = DeviceData(splits["train_x"], splits["train_y"], self.device)
         self.val_data = DeviceData(splits["val_x"], splits["val_y"], self.device)
         self.order = EpochOrder(cfg.seed, len(self.train_data), cfg.trainer.batch_size)
@@ -122,6 +130,9 @@ class Trainer:
         self.resumed: Optional[dict] = None  # what the checkpoint we resume from says about its run
         self.last_val = (math.nan, math.nan)  # (loss, accuracy) of the latest validation
         self.bar = None
+        self.interactive = cfg.trainer.progress and sys.stderr.isatty()
+        self.progress_at = time.perf_counter()  # when the last progress line was written (no terminal)
+        self.system_metrics = None
         if cfg.trainer.resume:
             self.load(cfg.trainer.resume)
 
@@ -180,7 +191,7 @@ class Trainer:
         uri = tracking_uri(cfg.tracking.uri)
         same = resumed is not None and run_is_open(uri, resumed["run_id"])
         run = RunLogger.start(uri, cfg.tracking.experiment, run_name(cfg), self.tags(), cfg.tracking.parent_run_id,
-                              resumed["run_id"] if same else None)
+                              resumed["run_id"] if same else None, unique_name=not cfg.tracking.run_name)
         self.run_id = run.run_id
         if same:
             run.skip_logged()
@@ -188,16 +199,37 @@ class Trainer:
             if cfg.tracking.run_name:
                 run.set_tags({"mlflow.runName": cfg.tracking.run_name})
         else:
-            run.log_params(flatten(cfg))
+            # the selection as one param too: MLflow's compare and parallel-coordinates views use params
+            run.log_params({**flatten(cfg), "stabilizer": stabilizer_label(cfg.stabilizer)})
+            run.log_dataset(self.dataset_name(), self.data_checksum, self.data_source(), self.data_sizes)
+        if cfg.tracking.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.system_metrics = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_EVERY_S,
+                                                       tracking_uri=uri, resume_logging=same)
+            self.system_metrics.start()
         if resumed is not None:
             run.log_points(self.history.points() + self.history.epoch_points, now_ms())
             run.set_tags(self.resume_tags(same))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        interactive = cfg.trainer.progress and sys.stderr.isatty()
-        self.bar = tqdm(total=self.total_steps, initial=self.engine.step_count, disable=not interactive,
+        self.bar = tqdm(total=self.total_steps, initial=self.engine.step_count, disable=not self.interactive,
                         dynamic_ncols=True)
+        log(f"run {run.run_id} ({run_name(cfg)}): {self.total_steps} steps on {self.device}, "
+            f"{'continuing from step ' + str(self.engine.step_count) if resumed else 'from scratch'}")
         return run
+
+    def dataset_name(self) -> str:
+        data = self.cfg.data
+        return data.name if data.name == "synthetic" else f"{data.name}-val{data.val_size}-seed{data.split_seed}"
+
+    def data_source(self) -> str:
+        from .data import prepared_path
+
+        data = self.cfg.data
+        if data.name == "synthetic":
+            return "generated (gradlab.data.synthetic_splits)"
+        return str(prepared_path(data.root, data.name, data.val_size, data.split_seed).resolve())
 
     def tags(self) -> dict:
         return {**run_tags(self.cfg, device=self.device, data_checksum=self.data_checksum),
@@ -227,13 +259,22 @@ class Trainer:
                 h.truncate(at)
         run.log_points(points, now_ms())
         if h.steps:
-            self.bar.update(h.steps[-1] + 1 - self.bar.n)
-            self.bar.set_postfix(epoch=self.order.epoch, loss=f"{h.column('train/loss')[-1]:.4g}",
-                                 grad=f"{h.column('grad/norm')[-1]:.3g}")
+            self.progress(h)
         every = self.cfg.trainer.checkpoint_every
         if checkpoint and every and self.divergence.step is None and \
                 self.engine.step_count - self.last_checkpoint >= every and not self.done:
             self.checkpoint(run)
+
+    def progress(self, h) -> None:
+        """The tqdm bar on a terminal; elsewhere a line every PROGRESS_EVERY_S (never silent for long)."""
+        loss, grad = h.column("train/loss")[-1], h.column("grad/norm")[-1]
+        if self.interactive:
+            self.bar.update(h.steps[-1] + 1 - self.bar.n)
+            self.bar.set_postfix(epoch=self.order.epoch, loss=f"{loss:.4g}", grad=f"{grad:.3g}")
+        elif self.cfg.trainer.progress and time.perf_counter() - self.progress_at >= PROGRESS_EVERY_S:
+            self.progress_at = time.perf_counter()
+            log(f"step {h.steps[-1] + 1}/{self.total_steps} epoch {self.order.epoch + 1}: train/loss {loss:.4g}, "
+                f"grad/norm {grad:.3g}")
 
     def checkpoint(self, run: RunLogger) -> None:
         """MLflow first holds every point the checkpoint's history holds, then the file is replaced atomically."""
@@ -273,11 +314,17 @@ class Trainer:
         run.set_tags(tags)
         ckpt = self.save(self.checkpoint_path)
         run.log_artifact(self.output_dir / "config.yaml")
-        run.log_artifact(ckpt, "checkpoint")
+        if cfg.trainer.log_checkpoint:
+            run.log_artifact(ckpt, "checkpoint")
+        if cfg.trainer.log_model:
+            self.log_model(run)
         if cfg.telemetry.plots and h.steps:
             for path in self.plot(run.run_id, explosion):
                 run.log_artifact(path, "plots")
+        if self.system_metrics is not None:
+            self.system_metrics.finish()
         run.close("FINISHED")
+        log(f"run {run.run_id}: {tags['outcome']}, {len(h.steps)} steps, val accuracy {self.last_val[1]:.4f}")
         return TrainResult(run.run_id, run.client.tracking_uri, ckpt, len(h.steps), at is not None, at,
                            explosion.step, explosion.first_layer, self.last_val[1], summary["time/step_ms"] / 1000)
 
@@ -291,7 +338,8 @@ class Trainer:
                    "time/step_ms": 1000 * self.train_seconds / max(steps, 1),
                    "grad/norm_max": float(finite.max()) if finite.size else (math.nan if steps else 0.0),
                    "final/val_accuracy": self.last_val[1], "final/val_loss": self.last_val[0]}
-        tags = {"diverged": str(at is not None).lower(), "exploding": str(explosion.step is not None).lower()}
+        tags = {"diverged": str(at is not None).lower(), "exploding": str(explosion.step is not None).lower(),
+                "outcome": self.outcome()}
         if at is not None:
             metrics["diverged_at_step"] = float(at)
         if explosion.step is not None:
@@ -299,6 +347,30 @@ class Trainer:
             tags["explosion/step"] = explosion.step
             tags["explosion/first_layer"] = explosion.first_layer or "n/a"
         return metrics, tags
+
+    def outcome(self) -> str:
+        """One word for the runs table: diverged; stalled (finite, but validation accuracy < LEARNED);
+        rescued (a remedy in a failure scenario, and it learned); ok (learned, no remedy to credit)."""
+        if self.divergence.step is not None:
+            return "diverged"
+        if not self.last_val[1] >= LEARNED:
+            return "stalled"
+        remedy = self.cfg.tracking.tags.get("remedy", stabilizer_label(self.cfg.stabilizer))
+        return "rescued" if self.cfg.scenario != "default" and remedy != "none" else "ok"
+
+    def log_model(self, run: RunLogger) -> None:
+        """The trained model as an MLflow model with an input/output signature (one batch of images
+        -> logits), loadable with mlflow.pytorch.load_model."""
+        import mlflow
+        from mlflow.models import infer_signature
+
+        x = self.val_data.x[:2]
+        with torch.no_grad():
+            logits = self.engine.model(x).float()
+        signature = infer_signature(x.cpu().numpy(), logits.cpu().numpy())
+        mlflow.set_tracking_uri(run.client.tracking_uri)
+        with mlflow.start_run(run_id=run.run_id):
+            mlflow.pytorch.log_model(self.engine.model, name="model", signature=signature)
 
     def plot(self, run_id: str, explosion: Explosion) -> list:
         cfg, h = self.cfg, self.history
