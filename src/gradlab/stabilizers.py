@@ -576,7 +576,8 @@ class SpikeSkip(Stabilizer):
     OLMo-core's: one-sided, unbiased std, tests from the step whose window (the current value
     included) holds window // 2 values. Differs from OLMo-core: a skipped or non-finite value
     does not enter the window (OLMo-core appends every value, so one NaN would skip the next
-    ``window`` steps). The logged threshold is the norm boundary mean + threshold * std.
+    ``window`` steps). The logged threshold is the norm boundary mean + threshold * std once
+    the window is long enough (before: an earlier stabilizer's threshold, if any).
     Decided on the device; applied by ``StabilizerStack.step``."""
 
     def __init__(self, params, names, device, window: int, threshold: float, sided: str, std: str,
