@@ -25,7 +25,7 @@ from gradlab.config import register_configs  # noqa: E402
 from gradlab.training import Trainer  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-VARIANTS = ["none", "clip", "clip_value", "agc", "autoclip", "zclip", "spike_skip", "[warmup,clip]",
+VARIANTS = ["none", "clip", "clip_value", "agc", "adagc", "autoclip", "zclip", "spam", "spike_skip", "[warmup,clip]",
             "[agc,zclip,spike_skip]"]
 
 

@@ -56,7 +56,7 @@ def test_every_model_builds_and_runs(option):
 
 STABILIZER_SELECTIONS = [[o] for o in options("stabilizer")] + [
     ["warmup", "clip"], ["agc", "zclip", "spike_skip"], ["clip_value", "autoclip"],
-    ["warmup", "clip_value", "agc", "clip", "autoclip", "zclip", "spike_skip"],
+    ["warmup", "clip_value", "agc", "clip", "autoclip", "zclip", "spike_skip"], ["adagc", "spam", "spike_skip"],
 ]
 
 
@@ -131,6 +131,15 @@ def test_schema_rejects_at_composition(override):
     (["stabilizer=autoclip", "stabilizer.autoclip.percentile=0"], "stabilizer.autoclip.percentile"),
     (["stabilizer=warmup", "scheduler=onecycle"], "stabilizer.warmup"),
     (["model.dropout=1.0"], "model.dropout"),
+    (["stabilizer=spam", "optimizer=sgd"], "stabilizer.spam"),
+    (["stabilizer=spam", "scheduler=onecycle"], "stabilizer.spam.reset_interval"),
+    (["stabilizer=spam", "stabilizer.spam.reset_interval=1"], "stabilizer.spam.reset_interval"),
+    (["stabilizer=adagc", "stabilizer.adagc.beta=1.0"], "stabilizer.adagc.beta"),
+    (["stabilizer=zclip", "stabilizer.zclip.mode=mean"], "stabilizer.zclip.mode"),
+    (["stabilizer=zclip", "stabilizer.zclip.clip_factor=0"], "stabilizer.zclip.clip_factor"),
+    (["stabilizer=spike_skip", "stabilizer.spike_skip.sided=up"], "stabilizer.spike_skip.sided"),
+    (["stabilizer=spike_skip", "stabilizer.spike_skip.min_history=1"], "stabilizer.spike_skip.min_history"),
+    (["optimizer=stable_adamw", "optimizer.clip_thresh=0"], "optimizer.clip_thresh"),
 ])
 def test_semantic_checks(overrides, key):
     with pytest.raises(ConfigError) as err:
@@ -168,6 +177,7 @@ CLI_ERRORS = {
     "sgd_decoupled_decay": (["optimizer=sgd", "optimizer.decoupled_weight_decay=true"],
                             "optimizer.decoupled_weight_decay"),
     "nan_lr": (["optimizer.lr=nan"], "optimizer.lr"),
+    "spam_with_sgd": (["stabilizer=spam", "optimizer=sgd"], "stabilizer.spam"),
     "malformed_list": (["stabilizer=[clip,"], "stabilizer"),
 }
 

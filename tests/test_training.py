@@ -230,6 +230,10 @@ RESUME_CASES = {
     "zclip+spike_skip": ["stabilizer=[zclip,spike_skip]", "stabilizer.zclip.warmup_steps=5",
                          "stabilizer.spike_skip.min_history=5", "stabilizer.spike_skip.window=8"],
     "autoclip": ["stabilizer=[autoclip]", "stabilizer.autoclip.window=8", "stabilizer.autoclip.percentile=50"],
+    # crosses resets at 7, 14, 21 and their LR warm-ups, and AdaGC's warm-up, on StableAdamW
+    "adagc+spam": ["optimizer=stable_adamw", "stabilizer=[adagc,spam]", "stabilizer.adagc.warmup_steps=5",
+                   "stabilizer.spam.reset_interval=7", "stabilizer.spam.warmup_steps=3",
+                   "stabilizer.spam.clip_delay=2", "stabilizer.spam.threshold=2"],
 }
 
 

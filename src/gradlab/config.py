@@ -101,6 +101,14 @@ class Config(Schema):
     def check(self) -> None:
         if self.stabilizer.warmup is not None and self.scheduler.name == "onecycle":
             raise ConfigError("stabilizer.warmup", "onecycle already warms up (scheduler.pct_start); drop one")
+        spam = self.stabilizer.spam
+        if spam is not None:
+            need(self.optimizer.name in optim.MOMENT_OPTIMIZERS, "stabilizer.spam",
+                 f"needs Adam's second moment: optimizer={'|'.join(optim.MOMENT_OPTIMIZERS)}, "
+                 f"got optimizer={self.optimizer.name}")
+            need(spam.reset_interval is None or spam.warmup_steps == 0 or self.scheduler.name != "onecycle",
+                 "stabilizer.spam.reset_interval", "onecycle sets the LR from scratch every step, so SPAM's "
+                 "warm-up after a reset cannot multiply it: use another scheduler or reset_interval=null")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
 

@@ -32,8 +32,10 @@ class StepEngine:
         self.loss_cfg = cfg.loss
         self.stack = StabilizerStack(cfg.stabilizer, model, device)
         self.optimizer = build_optimizer(cfg.optimizer, model.parameters(), device, capturable=self.stack.skips)
+        self.stack.bind(self.optimizer)  # for stabilizers that read the optimizer's state (spam)
         warmup = cfg.stabilizer.warmup.steps if cfg.stabilizer.get("warmup") is not None else None
-        self.schedule = Schedule(self.optimizer, cfg.scheduler, warmup, total_steps, steps_per_epoch)
+        self.schedule = Schedule(self.optimizer, cfg.scheduler, warmup, total_steps, steps_per_epoch,
+                                 self.stack.lr_factors())
         self.amp_dtype = AMP_DTYPES[cfg.trainer.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16")
         self.recorder = Recorder(self.stack.names, device, cfg.telemetry.log_every, cfg.telemetry.layer_every)

@@ -1,13 +1,17 @@
 """Optimizers and LR schedules (the scheduler group plus the ``warmup`` stabilizer).
 
 Step-wise schedules are torch schedulers used in their chainable form, so the
-linear warmup multiplies whatever the main schedule does; ReduceLROnPlateau is
-stepped once per epoch on the validation loss.
+linear warmup (and a stabilizer's LR factor, e.g. SPAM's warm-up after a moment reset)
+multiplies whatever the main schedule does; ReduceLROnPlateau is stepped once per
+epoch on the validation loss.
+
+Stabilizers that read an optimizer's state do it through the functions here
+(``adam_moments``), so the knowledge of each optimizer's state layout stays in one place.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.optim import lr_scheduler
@@ -97,6 +101,71 @@ def adamw(cfg, params, capturable):
                              **capturable)
 
 
+@dataclass
+class StableAdamWConfig(AdamWConfig):
+    name: str = "stable_adamw"
+    clip_thresh: float = 1.0  # d: a tensor's step is scaled by 1 / max(1, RMS / d)
+
+    def check(self) -> None:
+        super().check()
+        need(self.clip_thresh > 0, "clip_thresh", f"must be > 0, got {self.clip_thresh}")
+
+
+class StableAdamW(torch.optim.Optimizer):
+    """StableAdamW: AdamW with Adafactor's update clipping per tensor (Wortsman et al. 2023,
+    arXiv 2304.13013, Algorithm 2; the authors' reference: StableAdamWUnfused in
+    gist.github.com/mitchellnw/d42e22a0b9ec02ceaf4f7b4457f51423). Per tensor, at step t:
+        m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;  m^ = m / (1-b1^t);  v^ = v / (1-b2^t)
+        RMS = sqrt(mean(g^2 / max(v^, eps^2)))
+        p <- p (1 - lr wd) - lr / max(1, RMS / d) * m^ / (sqrt(v^) + eps)
+    (the reference keeps m^ and v^ by bias-corrected betas, the same numbers). Written here,
+    not taken from torch-optimi, because optimi reads RMS back to the host for every tensor
+    on every step and keeps its step count in the param group, where a skipped step could not
+    restore it. State uses torch Adam's names (exp_avg, exp_avg_sq, step), the step count a
+    device tensor: no host sync, and ``spike_skip`` restores all of it."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 clip_thresh: float = 1.0):
+        # capturable: load_state_dict keeps ``step`` on the parameter's device (torch's rule)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      clip_thresh=clip_thresh, capturable=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        (b1, b2), eps, lr, g = group["betas"], group["eps"], group["lr"], p.grad
+        step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        step.add_(1)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        v_hat = v / (1 - b2 ** step)
+        rms = (g.square() / v_hat.clamp(min=eps * eps)).mean().sqrt()
+        step_size = lr / (rms / group["clip_thresh"]).clamp(min=1.0)
+        p.mul_(1 - lr * group["weight_decay"])
+        p.sub_(step_size * (m / (1 - b1 ** step)) / (v_hat.sqrt() + eps))
+
+
+@OPTIMIZERS.register("stable_adamw", StableAdamWConfig)
+def stable_adamw(cfg, params, capturable):
+    return StableAdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       clip_thresh=cfg.clip_thresh)
+
+
 @OPTIMIZERS.register("rmsprop", RMSpropConfig)
 def rmsprop(cfg, params, capturable):
     return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
@@ -107,6 +176,18 @@ def build_optimizer(cfg_opt, params, device: torch.device, capturable: bool = Fa
     # capturable keeps Adam/RMSprop's step counter on the device, so skipped steps restore it without a sync
     cap = {"capturable": True} if capturable and device.type == "cuda" and cfg_opt.name != "sgd" else {}
     return OPTIMIZERS[cfg_opt.name].obj(cfg_opt, params, cap)
+
+
+MOMENT_OPTIMIZERS = ("adam", "adamw", "stable_adamw")  # keep Adam's m and v per parameter
+
+
+def adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Adam's first and second moment (m, v: torch's ``exp_avg`` / ``exp_avg_sq``, un-bias-corrected)
+    of ``param`` in one of MOMENT_OPTIMIZERS, or None before its first update."""
+    state = optimizer.state.get(param)
+    if not state or "exp_avg_sq" not in state:
+        return None
+    return state["exp_avg"], state["exp_avg_sq"]
 
 
 # ---------------------------------------------------------------- schedules
@@ -193,10 +274,16 @@ class WarmupConfig(Schema):
 STABILIZERS.add("warmup", WarmupConfig, order=10)
 
 
+def ratio(f: Callable[[int], float]) -> Callable[[int], float]:
+    """MultiplicativeLR's per-step multiplier that makes the LR at step t carry f(t) exactly."""
+    return lambda t: f(t) / f(t - 1)
+
+
 class Schedule:
     """The run's LR schedule: per-step schedulers plus an optional per-epoch plateau."""
 
-    def __init__(self, optimizer, cfg_sched, warmup_steps: Optional[int], total_steps: int, steps_per_epoch: int):
+    def __init__(self, optimizer, cfg_sched, warmup_steps: Optional[int], total_steps: int, steps_per_epoch: int,
+                 factors: Sequence[Callable[[int], float]] = ()):
         self.optimizer = optimizer
         self.per_step: List[lr_scheduler.LRScheduler] = []
         self.plateau: Optional[lr_scheduler.ReduceLROnPlateau] = None
@@ -204,6 +291,8 @@ class Schedule:
             # factor (t+1)/N for t < N, then 1
             self.per_step.append(lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup_steps,
                                                        end_factor=1.0, total_iters=max(warmup_steps - 1, 1)))
+        for f in factors:  # lr_t = (the rest of the schedule) * f(t), with f(0) = 1
+            self.per_step.append(lr_scheduler.MultiplicativeLR(optimizer, lr_lambda=ratio(f)))
         build = SCHEDULERS[cfg_sched.name].obj
         scheduler = build(optimizer, cfg_sched, total_steps, steps_per_epoch) if build else None
         if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):

@@ -2,23 +2,31 @@
 
 Everything here stays on the device: thresholds, histories and skip decisions
 are tensors, so a stabilizer never forces a host sync. The formulas follow
-``shared/reference/stabilizers.md``; each class names its source.
+``shared/reference/stabilizers.md`` and each remedy's reference code; each class
+names its source and where gradlab deliberately differs.
 
-Non-finite gradients are not clipped into shape: the step is recorded, and the
-run is marked diverged unless ``spike_skip`` (or fp16's GradScaler) skipped it.
+Non-finite gradients: the norm-based clippers (clip, autoclip, zclip, adagc) scale
+by a coefficient, and an infinite norm gives 0 x inf = NaN, so they never turn a
+non-finite gradient into a finite one. The element-wise ones (clip_value, spam)
+bound an infinite element to a finite value, as torch's ``clip_grad_value_`` does.
+A run is diverged when a non-finite loss or a non-finite update reaches the weights
+(``gradlab.telemetry.DivergenceWatch``), unless ``spike_skip`` or fp16's GradScaler
+skipped that step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import clip_grad_value_, clip_grads_with_norm_, get_total_norm
 
+from .optim import adam_moments
 from .registry import STABILIZERS, Schema, choice, infinite_ok, need
 
-EPS = 1e-6  # the denominator guard torch's clip_grad_norm_ uses
+EPS = 1e-6  # the denominator guard torch's clip_grad_norm_ (and ZClip's, AdaGC's references) use
 
 
 def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
@@ -26,11 +34,16 @@ def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-def clip_to(grads: List[torch.Tensor], threshold: torch.Tensor, norm: torch.Tensor) -> None:
-    """grads *= min(1, threshold / (norm + 1e-6)): clip_grads_with_norm_'s formula for a
-    threshold that is a device tensor. torch's function calls float(max_norm) first, which
-    would read an adaptive threshold back to the host on every step."""
-    torch._foreach_mul_(grads, (threshold / (norm + EPS)).clamp(max=1.0))
+def norm_clip_coef(threshold, norm: torch.Tensor) -> torch.Tensor:
+    """clip_grads_with_norm_'s coefficient min(1, threshold / (norm + 1e-6)), for a threshold
+    that is a device tensor (torch's function calls float(max_norm), a host read per step)."""
+    return (threshold / (norm + EPS)).clamp(max=1.0)
+
+
+def above_clip_coef(threshold: torch.Tensor, norm: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """threshold / (norm + eps) where norm > threshold, else exactly 1: how the ZClip and AdaGC
+    references clip (they leave a norm at or below the threshold untouched)."""
+    return torch.where(norm > threshold, threshold / (norm + eps), 1.0)
 
 
 class RingBuffer:
@@ -50,11 +63,13 @@ class RingBuffer:
         self.pos.copy_(torch.where(accept, (self.pos + 1) % self.size, self.pos))
         self.count.copy_(torch.where(accept, (self.count + 1).clamp(max=self.size), self.count))
 
-    def mean_std(self):
+    def mean_std(self, unbiased: bool = False):
+        """Mean and standard deviation of the stored values (divisor n, or n - 1 when ``unbiased``)."""
         mask = self._arange < self.count
         n = self.count.clamp(min=1).float()
         mean = torch.where(mask, self.values, 0.0).sum() / n
-        var = torch.where(mask, (self.values - mean) ** 2, 0.0).sum() / n
+        dof = (self.count - 1).clamp(min=1).float() if unbiased else n
+        var = torch.where(mask, (self.values - mean) ** 2, 0.0).sum() / dof
         return mean, var.sqrt()
 
     def quantile(self, q: float) -> torch.Tensor:
@@ -83,7 +98,7 @@ class GradStep:
     per_tensor: List[torch.Tensor]  # per-parameter L2 norms before any stabilizer
     pre_norm: torch.Tensor
     norm: Optional[torch.Tensor] = None  # current L2 norm; None once a transform made it stale
-    threshold: Optional[torch.Tensor] = None
+    threshold: Optional[torch.Tensor] = None  # the last adaptive threshold set (run order)
     skip: Optional[torch.Tensor] = None  # a stabilizer's decision to skip the update
     modified: bool = False
     skipped: Optional[torch.Tensor] = None  # after the update: whether it was skipped (by anyone)
@@ -94,9 +109,21 @@ class GradStep:
             self.norm = total_norm(self.grads)
         return self.norm
 
+    def tensor_norms(self) -> torch.Tensor:
+        """Per-parameter L2 norms of the gradients as they are now, as one vector."""
+        return torch.stack(self.per_tensor if not self.modified else torch._foreach_norm(self.grads))
+
     def changed(self) -> None:
         """Gradients changed non-uniformly: the cached norm is stale."""
         self.norm, self.modified = None, True
+
+    def scaled(self, coef: torch.Tensor) -> None:
+        """All gradients were multiplied by ``coef``: a cached L2 norm scales by the same factor,
+        so it is updated without another pass. A stale one stays stale (recomputing it here
+        would read the already-scaled gradients and apply the coefficient twice)."""
+        if self.norm is not None:
+            self.norm = self.norm * coef
+        self.modified = True
 
     def finish(self, skipped: torch.Tensor) -> None:
         """Record the outcome of the update (telemetry reads it through STEP_METRICS)."""
@@ -105,10 +132,11 @@ class GradStep:
 
     @property
     def clip_coef(self) -> torch.Tensor:
-        """applied / raw norm when a stabilizer touched the gradients, else 1."""
+        """What the clippers did: the L2 norm after the gradient stabilizers / the raw norm, 1 when
+        none touched the gradients. Whether the update was then skipped is ``skipped``, not this."""
         if not self.modified:
             return torch.ones((), device=self.pre_norm.device)
-        return torch.where(self.pre_norm > 0, self.applied_norm / self.pre_norm, 1.0)
+        return torch.where(self.pre_norm > 0, self.current_norm() / self.pre_norm, 1.0)
 
     @property
     def threshold_or_nan(self) -> torch.Tensor:
@@ -116,28 +144,29 @@ class GradStep:
             return torch.full((), float("nan"), device=self.pre_norm.device)
         return self.threshold.float()
 
-    def clipped_to(self, max_norm, norm: torch.Tensor) -> None:
-        """Gradients were scaled by clip_grads_with_norm_'s coefficient min(1, max/(norm+1e-6)):
-        a cached L2 norm scales by the same factor, so it is updated without another pass.
-        A stale one stays stale (recomputing it here would read the already-clipped
-        gradients and apply the coefficient twice)."""
-        if self.norm is not None:
-            self.norm = self.norm * (max_norm / (norm + EPS)).clamp(max=1.0)
-        self.modified = True
-
 
 class Stabilizer:
     """Base: a stateful transform of the gradients; state is saved with the checkpoint.
     A subclass registers with its schema and its place in the run order:
-    ``@STABILIZERS.register(name, Config, order=...)``; its ``name`` is set from there."""
+    ``@STABILIZERS.register(name, Config, order=...)``; its ``name`` is set from there.
+    One that reads the optimizer's state sets ``needs_optimizer``: the stack then hands it
+    the optimizer (``bind``) once the optimizer exists."""
 
     name = "base"
+    needs_optimizer = False
 
     def __init__(self, params: List[nn.Parameter], names: List[str], device: torch.device):
         self.params, self.names, self.device = params, names, device
 
     def apply(self, step: GradStep) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def lr_factor(self) -> Optional[Callable[[int], float]]:
+        """A factor f(step) the LR schedule multiplies by (gradlab.optim.Schedule), or None."""
+        return None
 
     def state_dict(self) -> dict:
         return {}
@@ -175,7 +204,7 @@ class ClipNorm(Stabilizer):
     def apply(self, step):
         norm = step.current_norm() if self.norm_type == 2.0 else get_total_norm(step.grads, self.norm_type, foreach=True)
         clip_grads_with_norm_(self.params, self.max_norm, norm, foreach=True)
-        step.clipped_to(self.max_norm, norm)
+        step.scaled(norm_clip_coef(self.max_norm, norm))
 
 
 @dataclass
@@ -188,7 +217,8 @@ class ClipValueConfig(Schema):
 
 @STABILIZERS.register("clip_value", ClipValueConfig, order=20)
 class ClipValue(Stabilizer):
-    """Element-wise clamp to [-c, c] (changes the direction; Mikolov's RNNs used 15)."""
+    """Element-wise clamp to [-c, c] (changes the direction; Mikolov's RNNs used 15). An inf
+    element becomes +-c, as with torch's clip_grad_value_: the update applied is finite."""
 
     def __init__(self, params, names, device, clip_value: float):
         super().__init__(params, names, device)
@@ -203,23 +233,31 @@ class ClipValue(Stabilizer):
 class AGCConfig(Schema):
     clipping: float = 0.01  # lambda
     eps: float = 1e-3
-    exclude: List[str] = field(default_factory=lambda: ["auto"])  # name prefixes; "auto" = the final classifier
+    exclude: List[str] = field(default_factory=lambda: ["auto"])  # module paths; "auto" = the final classifier
 
     def check(self) -> None:
         need(self.clipping > 0, "clipping", f"must be > 0, got {self.clipping}")
         need(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
 
 
+def under(name: str, path: str) -> bool:
+    """Whether parameter ``name`` lies in module ``path``: ``blocks.1`` holds ``blocks.1.weight``,
+    not ``blocks.10.weight`` (a trailing ``.`` on the path is ignored)."""
+    path = path.rstrip(".")
+    return name == path or name.startswith(path + ".")
+
+
 @STABILIZERS.register("agc", AGCConfig, order=30)
 class AGC(Stabilizer):
     """Adaptive gradient clipping (Brock et al. 2021): per output unit,
-    G_i <- G_i * max_i / max(||G_i||, 1e-6) when ||G_i|| > max_i = clipping * max(||W_i||, eps)."""
+    G_i <- G_i * max_i / max(||G_i||, 1e-6) when ||G_i|| > max_i = clipping * max(||W_i||, eps).
+    ``exclude`` names modules (``head``, ``blocks.1``), matched at a ``.`` boundary."""
 
     def __init__(self, params, names, device, clipping: float, eps: float, exclude: List[str]):
         super().__init__(params, names, device)
-        prefixes = [("head." if e == "auto" else e) for e in exclude]
+        paths = [("head" if e == "auto" else e) for e in exclude]
         self.clipping, self.eps = float(clipping), float(eps)
-        self.targets = [p for p, n in zip(params, names) if not any(n.startswith(x) for x in prefixes)]
+        self.targets = [p for p, n in zip(params, names) if not any(under(n, x) for x in paths)]
 
     @staticmethod
     def unit_norm(t: torch.Tensor) -> torch.Tensor:
@@ -235,6 +273,74 @@ class AGC(Stabilizer):
             coef = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=1e-6), 1.0)
             p.grad.mul_(coef)
         step.changed()
+
+
+@dataclass
+class AdaGCConfig(Schema):
+    warmup_steps: int = 100  # global-norm clipping at max_norm (the reference's start_clip_steps)
+    max_norm: float = 1.0  # lambda_abs, during the warm-up
+    clip_ratio: float = 1.04  # lambda_rel
+    beta: float = 0.99  # EMA of each tensor's clipped norms
+    eps: float = 1e-6
+
+    def check(self) -> None:
+        need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        need(self.max_norm > 0, "max_norm", f"must be > 0, got {self.max_norm}")
+        need(self.clip_ratio > 0, "clip_ratio", f"must be > 0, got {self.clip_ratio}")
+        need(0 <= self.beta < 1, "beta", f"must be in [0, 1), got {self.beta}")
+        need(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+
+
+@STABILIZERS.register("adagc", AdaGCConfig, order=35)
+class AdaGC(Stabilizer):
+    """AdaGC (Wang et al. 2025, arXiv 2502.11034; reference: lishuai-97/AdaGC, class AdaGC).
+    Warm-up (the first ``warmup_steps`` steps): global-norm clipping,
+    g <- g * min(1, max_norm / (||g|| + eps)), and per tensor gamma_i = min over the warm-up of
+    the clipped ||g_i||. After it, per tensor: if ||g_i|| > clip_ratio * gamma_i then
+    g_i <- g_i * clip_ratio * gamma_i / (||g_i|| + eps), and
+    gamma_i <- beta * gamma_i + (1 - beta) * min(||g_i||, clip_ratio * gamma_i).
+    A non-finite norm never enters gamma (the reference would store it)."""
+
+    def __init__(self, params, names, device, warmup_steps: int, max_norm: float, clip_ratio: float,
+                 beta: float, eps: float):
+        super().__init__(params, names, device)
+        self.warmup_steps, self.max_norm = int(warmup_steps), float(max_norm)
+        self.clip_ratio, self.beta, self.eps = float(clip_ratio), float(beta), float(eps)
+        self.gamma = torch.full((len(params),), float("inf"), device=device)  # inf: not seeded yet
+        self.steps = 0  # host-side counter: known without a sync
+
+    def apply(self, step):
+        self.steps += 1
+        if self.steps <= self.warmup_steps:
+            self._global_clip(step)
+        else:
+            self._tensor_clip(step)
+
+    def _global_clip(self, step):
+        norms = step.tensor_norms()
+        coef = (self.max_norm / (step.current_norm() + self.eps)).clamp(max=1.0)
+        torch._foreach_mul_(step.grads, coef)
+        step.scaled(coef)
+        clipped = norms * coef
+        self.gamma.copy_(torch.where(torch.isfinite(clipped), torch.minimum(self.gamma, clipped), self.gamma))
+        step.threshold = torch.full((), self.max_norm, device=norms.device)
+
+    def _tensor_clip(self, step):
+        norms = step.tensor_norms()
+        gamma = torch.where(torch.isinf(self.gamma), norms, self.gamma)  # never seeded: start from this norm
+        limit = self.clip_ratio * gamma
+        coef = above_clip_coef(limit, norms, self.eps)
+        torch._foreach_mul_(step.grads, list(coef.unbind(0)))
+        step.changed()
+        new = self.beta * gamma + (1 - self.beta) * torch.minimum(norms, limit)
+        self.gamma.copy_(torch.where(torch.isfinite(norms), new, gamma))
+
+    def state_dict(self):
+        return {"gamma": self.gamma.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.gamma.copy_(state["gamma"])
+        self.steps = int(state["steps"])
 
 
 @dataclass
@@ -261,8 +367,9 @@ class AutoClip(Stabilizer):
         norm = step.current_norm()
         self.history.push(norm, torch.isfinite(norm))
         threshold = self.history.quantile(self.q)
-        clip_to(step.grads, threshold, norm)
-        step.clipped_to(threshold, norm)
+        coef = norm_clip_coef(threshold, norm)
+        torch._foreach_mul_(step.grads, coef)
+        step.scaled(coef)
         step.threshold = threshold
 
     def state_dict(self):
@@ -274,118 +381,231 @@ class AutoClip(Stabilizer):
 
 @dataclass
 class ZClipConfig(Schema):
-    warmup_steps: int = 25
+    warmup_steps: int = 25  # finite norms collected before the EMA starts
     alpha: float = 0.97
     z_thresh: float = 2.5
-    mode: str = choice("zscore", "mean")  # adaptive threshold, or clip to the mean
-    max_grad_norm: Optional[float] = None  # hard cap, also during warmup
+    mode: str = choice("zscore", "percentile")  # z-score test, or a fixed mu + z_thresh * sigma
+    clip_option: str = choice("adaptive_scaling", "mean")  # zscore mode: clip to mu + z_thresh^2 sigma / z, or mu
+    clip_factor: float = 1.0  # multiplies the adaptive_scaling threshold
+    skip_update_on_spike: bool = False  # a clipped spike does not enter the EMA
+    max_grad_norm: Optional[float] = None  # hard cap, also during the warm-up (the reference's default: 1.0)
+    eps: float = 1e-6  # z = (g - mu) / (sigma + eps)
 
     def check(self) -> None:
-        # with no warmup the EMA starts at 0 and every gradient is clipped to 0
         need(self.warmup_steps >= 1, "warmup_steps", f"must be >= 1, got {self.warmup_steps}")
         need(0 < self.alpha < 1, "alpha", f"must be in (0, 1), got {self.alpha}")
         need(self.z_thresh > 0, "z_thresh", f"must be > 0, got {self.z_thresh}")
+        need(self.clip_factor > 0, "clip_factor", f"must be > 0, got {self.clip_factor}")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
              f"must be > 0 (or null), got {self.max_grad_norm}")
+        need(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
 
 
 @STABILIZERS.register("zclip", ZClipConfig, order=60)
 class ZClip(Stabilizer):
-    """ZClip (Kumar et al. 2025). Warmup: collect ``warmup_steps`` norms (clip only at
-    ``max_grad_norm``), then mean/variance (population) seed the EMA. After it:
-    z = (g - mu) / (sigma + 1e-6); if z > z_thresh clip to mu + z_thresh^2 * sigma / z
-    (mode zscore) or to mu (mode mean). The EMA is updated with the clipped value:
-    mu <- a mu + (1-a) x;  var <- a var + (1-a) (x - mu)^2 (mu already updated, as the reference).
-    The logged threshold is the norm above which this step clips: the adaptive target when
-    z > z_thresh, else mu + z_thresh * (sigma + 1e-6), exactly where z crosses z_thresh."""
+    """ZClip (Kumar et al. 2025; reference: bluorion-com/ZClip, zclip/zclip.py). Warm-up: collect
+    ``warmup_steps`` finite norms (clip only at ``max_grad_norm``, as clip_grad_norm_ does), then
+    their mean and population variance seed the EMA. After it, with sigma = sqrt(var):
+    mode zscore: z = (g - mu) / (sigma + eps); a spike is z > z_thresh, clipped to
+    clip_factor * (mu + z_thresh^2 sigma / z) (adaptive_scaling) or to mu (clip_option mean);
+    mode percentile: a spike is g > mu + z_thresh * sigma, clipped to that.
+    The threshold is capped at ``max_grad_norm``; g is scaled by threshold / (g + 1e-6) only
+    when g > threshold. EMA, as the reference: x = the uncapped spike threshold on a spike
+    (no update with ``skip_update_on_spike``), else the raw g;
+    mu <- a mu + (1-a) x;  var <- a var + (1-a) (x - mu)^2 (mu already updated).
+    Differs from the reference where it breaks: a non-finite norm neither counts in the
+    warm-up nor enters the EMA. The logged threshold is where this step's clipping begins:
+    the spike threshold, else the boundary mu + z_thresh (sigma + eps) (zscore mode)."""
 
-    def __init__(self, params, names, device, warmup_steps: int, alpha: float, z_thresh: float,
-                 mode: str, max_grad_norm: Optional[float]):
+    def __init__(self, params, names, device, warmup_steps: int, alpha: float, z_thresh: float, mode: str,
+                 clip_option: str, clip_factor: float, skip_update_on_spike: bool, max_grad_norm: Optional[float],
+                 eps: float):
         super().__init__(params, names, device)
-        self.warmup_steps, self.alpha, self.z_thresh, self.mode = int(warmup_steps), float(alpha), float(z_thresh), mode
-        self.max_grad_norm = float("inf") if max_grad_norm is None else float(max_grad_norm)
-        self.warmup = RingBuffer(max(self.warmup_steps, 1), device)
+        self.warmup_steps, self.alpha, self.z_thresh = int(warmup_steps), float(alpha), float(z_thresh)
+        self.mode, self.clip_option, self.clip_factor = mode, clip_option, float(clip_factor)
+        self.skip_update_on_spike, self.eps = bool(skip_update_on_spike), float(eps)
+        self.cap = math.inf if max_grad_norm is None else float(max_grad_norm)
+        self.warmup = RingBuffer(self.warmup_steps, device)  # the warm-up's finite norms
         self.mean = torch.zeros((), device=device)
         self.var = torch.zeros((), device=device)
-        self.steps = 0  # host-side counter: known without a sync
+
+    def _spike(self, norm: torch.Tensor):
+        """(is this norm a spike, the threshold it is clipped to, the boundary logged otherwise)."""
+        std = self.var.sqrt()
+        if self.mode == "percentile":
+            threshold = self.mean + self.z_thresh * std
+            return norm > threshold, threshold, threshold
+        z = (norm - self.mean) / (std + self.eps)
+        if self.clip_option == "mean":
+            target = self.mean
+        else:
+            target = self.clip_factor * (self.mean + self.z_thresh ** 2 * std / z.clamp(min=EPS))
+        return z > self.z_thresh, target, self.mean + self.z_thresh * (std + self.eps)
+
+    def _update_ema(self, norm: torch.Tensor, spike: torch.Tensor, target: torch.Tensor, active: torch.Tensor):
+        x = torch.where(spike, target, norm)
+        mean = self.alpha * self.mean + (1 - self.alpha) * x
+        var = self.alpha * self.var + (1 - self.alpha) * (x - mean) ** 2
+        if self.skip_update_on_spike:
+            active = active & ~spike
+        self.mean.copy_(torch.where(active, mean, self.mean))
+        self.var.copy_(torch.where(active, var, self.var))
 
     def apply(self, step):
         norm = step.current_norm()
         finite = torch.isfinite(norm)
-        self.steps += 1
-        if self.steps <= self.warmup_steps:
-            self.warmup.push(norm, finite)
-            if self.steps == self.warmup_steps:
-                mean, std = self.warmup.mean_std()
-                self.mean.copy_(mean)
-                self.var.copy_(std ** 2)
-            threshold = torch.full((), self.max_grad_norm, device=self.device)
-        else:
-            std = self.var.sqrt()
-            z = (norm - self.mean) / (std + EPS)
-            if self.mode == "zscore":
-                target = self.mean + self.z_thresh ** 2 * std / z.clamp(min=EPS)
-            else:
-                target = self.mean
-            boundary = self.mean + self.z_thresh * (std + EPS)  # z <= z_thresh <=> norm <= boundary
-            threshold = torch.where(z > self.z_thresh, target, boundary).clamp(max=self.max_grad_norm)
-            clipped = torch.where(norm > threshold, threshold, norm)
-            new_mean = self.alpha * self.mean + (1 - self.alpha) * clipped
-            new_var = self.alpha * self.var + (1 - self.alpha) * (clipped - new_mean) ** 2
-            self.mean.copy_(torch.where(finite, new_mean, self.mean))
-            self.var.copy_(torch.where(finite, new_var, self.var))
-        clip_to(step.grads, threshold, norm)
-        step.clipped_to(threshold, norm)
+        warming = self.warmup.count < self.warmup_steps  # before this step
+        spike, target, boundary = self._spike(norm)
+        self._update_ema(norm, spike, target, ~warming & finite)
+        self.warmup.push(norm, warming & finite)
+        seeded = warming & (self.warmup.count >= self.warmup_steps)
+        mean, std = self.warmup.mean_std()
+        self.mean.copy_(torch.where(seeded, mean, self.mean))
+        self.var.copy_(torch.where(seeded, std ** 2, self.var))
+        threshold = torch.where(warming, self.cap, torch.where(spike, target, boundary).clamp(max=self.cap))
+        warm_coef = norm_clip_coef(self.cap, norm) if math.isfinite(self.cap) else torch.ones_like(norm)
+        coef = torch.where(warming, warm_coef, above_clip_coef(threshold, norm))
+        torch._foreach_mul_(step.grads, coef)
+        step.scaled(coef)
         step.threshold = threshold
 
     def state_dict(self):
-        return {"warmup": self.warmup.state_dict(), "mean": self.mean.clone(), "var": self.var.clone(), "steps": self.steps}
+        return {"warmup": self.warmup.state_dict(), "mean": self.mean.clone(), "var": self.var.clone()}
 
     def load_state_dict(self, state):
         self.warmup.load_state_dict(state["warmup"])
         self.mean.copy_(state["mean"])
         self.var.copy_(state["var"])
+
+
+@dataclass
+class SpamConfig(Schema):
+    threshold: float = 5000.0  # theta: g^2 > theta * v is a spike
+    reset_interval: Optional[int] = 500  # Delta T: Adam's moments are zeroed every this many steps (null: never)
+    warmup_steps: int = 150  # cosine LR warm-up after each reset (0: none)
+    clip_delay: int = 20  # no clipping in the first steps, and after each reset: v is still ~0
+
+    def check(self) -> None:
+        need(self.threshold > 0, "threshold", f"must be > 0, got {self.threshold}")
+        need(self.reset_interval is None or self.reset_interval >= 2, "reset_interval",
+             f"must be >= 2 (or null for no reset), got {self.reset_interval}")
+        need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        need(self.clip_delay >= 1, "clip_delay", f"must be >= 1, got {self.clip_delay}")
+
+
+@STABILIZERS.register("spam", SpamConfig, order=70)
+class Spam(Stabilizer):
+    """SPAM (Huang et al., ICLR 2025, arXiv 2501.06842; reference: TianjinYellow/SPAM-Optimizer,
+    galore_torch/SPAM.py) on torch's Adam/AdamW/stable_adamw, whose second moment v (before this
+    step's update) it reads through the optimizer (``gradlab.optim.adam_moments``). At step s
+    (1-based): if s % reset_interval == 0, m and v are zeroed (Adam's step count is kept, as in
+    the reference); if s >= clip_delay and s % reset_interval >= clip_delay, every element with
+    g^2 > threshold * v becomes sign(g) * sqrt(threshold * v). After each reset the LR is
+    multiplied by 1 - 0.99 (1 + cos(pi j / (warmup_steps + 1))) / 2 for the j-th step since it
+    (j = 0 .. warmup_steps - 1), the reference's cosine warm-up. Differences: the warm-up scales
+    the LR, so it also scales weight decay (none by default); torch's Adam puts eps after the
+    bias correction, the reference's AdamW before it."""
+
+    needs_optimizer = True
+
+    def __init__(self, params, names, device, threshold: float, reset_interval: Optional[int],
+                 warmup_steps: int, clip_delay: int):
+        super().__init__(params, names, device)
+        self.threshold, self.reset_interval = float(threshold), reset_interval
+        self.warmup_steps, self.clip_delay = int(warmup_steps), int(clip_delay)
+        self.steps = 0  # host-side counter: known without a sync
+
+    def _since_reset(self, s: int) -> int:
+        """Steps since the last reset at or before step s (s itself if none has happened yet)."""
+        return s if self.reset_interval is None else s % self.reset_interval
+
+    def apply(self, step):
+        self.steps += 1
+        s = self.steps
+        moments = [adam_moments(self.optimizer, p) for p in self.params]
+        if self.reset_interval is not None and s % self.reset_interval == 0:
+            torch._foreach_zero_([t for mv in moments if mv is not None for t in mv])
+        elif s >= self.clip_delay and self._since_reset(s) >= self.clip_delay:
+            for p, mv in zip(self.params, moments):
+                if mv is not None:
+                    tv = self.threshold * mv[1]
+                    p.grad.copy_(torch.where(p.grad.square() > tv, p.grad.sign() * tv.sqrt(), p.grad))
+            step.changed()
+
+    def factor(self, t: int) -> float:
+        """The LR factor at 0-based step t (step s = t + 1)."""
+        s = t + 1
+        if self.reset_interval is None or s < self.reset_interval:
+            return 1.0
+        j = s % self.reset_interval
+        if j >= self.warmup_steps:
+            return 1.0
+        return 1.0 - 0.99 * (1 + math.cos(math.pi * j / (self.warmup_steps + 1))) / 2
+
+    def lr_factor(self):
+        return self.factor if self.reset_interval is not None and self.warmup_steps > 0 else None
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
         self.steps = int(state["steps"])
 
 
 @dataclass
 class SpikeSkipConfig(Schema):
     window: int = 128
-    threshold: float = 6.0  # z-score above which the update is skipped
-    min_history: int = 20
+    threshold: float = 6.0  # sigmas above the window mean at which the update is skipped
+    sided: str = choice("one", "two")  # one: only a rise skips (OLMo-core); two: a drop skips too
+    std: str = choice("unbiased", "population")  # OLMo-core's torch.std_mean is unbiased
+    min_history: Optional[int] = None  # past values before any test; null: max(2, window // 2 - 1), as OLMo-core
 
     def check(self) -> None:
         need(self.window >= 2, "window", f"must be >= 2, got {self.window}")
         need(self.threshold > 0, "threshold", f"must be > 0, got {self.threshold}")
-        need(2 <= self.min_history <= self.window, "min_history", f"must be in [2, window], got {self.min_history}")
+        need(self.min_history is None or 2 <= self.min_history <= self.window, "min_history",
+             f"must be in [2, window] (or null), got {self.min_history}")
 
 
 @STABILIZERS.register("spike_skip", SpikeSkipConfig, order=90)
 class SpikeSkip(Stabilizer):
-    """Skip the update (OLMo-core style) when |x - mean| / std over the last ``window``
-    accepted steps exceeds ``threshold`` for the loss or the pre-stabilizer grad norm
-    (once ``min_history`` are stored), or when either is non-finite. Skipped values are
-    not added to the window. Decided on the device; applied by ``StabilizerStack.step``."""
+    """Skip the update (OLMo-core's SkipStepOptimizer: olmo_core/optim/skip_step_optimizer.py)
+    when the loss or the pre-stabilizer grad norm is more than ``threshold`` standard deviations
+    above the mean of the last ``window`` accepted steps (``sided=two``: away from it, either
+    way), once ``min_history`` are stored; or when either is non-finite. The default is
+    OLMo-core's: one-sided, unbiased std, tests from the step whose window (the current value
+    included) holds window // 2 values. Differs from OLMo-core: a skipped or non-finite value
+    does not enter the window (OLMo-core appends every value, so one NaN would skip the next
+    ``window`` steps). The logged threshold is the norm boundary mean + threshold * std once
+    the window is long enough (before: an earlier stabilizer's threshold, if any).
+    Decided on the device; applied by ``StabilizerStack.step``."""
 
-    def __init__(self, params, names, device, window: int, threshold: float, min_history: int):
+    def __init__(self, params, names, device, window: int, threshold: float, sided: str, std: str,
+                 min_history: Optional[int]):
         super().__init__(params, names, device)
-        self.threshold, self.min_history = float(threshold), int(min_history)
+        self.threshold, self.two_sided, self.unbiased = float(threshold), sided == "two", std == "unbiased"
+        self.min_history = int(min_history) if min_history is not None else max(2, int(window) // 2 - 1)
         self.losses = RingBuffer(int(window), device)
         self.norms = RingBuffer(int(window), device)
 
-    def _z(self, buf: RingBuffer, x: torch.Tensor) -> torch.Tensor:
-        mean, std = buf.mean_std()
-        z = (x - mean).abs() / (std + 1e-12 * mean.abs() + 1e-30)
-        return torch.where(buf.count >= self.min_history, z, 0.0)
+    def _test(self, buf: RingBuffer, x: torch.Tensor):
+        """(whether x is a spike against the window, whether the window is long enough, the upper boundary)."""
+        mean, std = buf.mean_std(self.unbiased)
+        deviation = (x - mean).abs() if self.two_sided else x - mean
+        ready = buf.count >= self.min_history
+        return ready & (deviation > self.threshold * std), ready, mean + self.threshold * std
 
     def apply(self, step):
         loss, norm = step.loss.detach().float(), step.pre_norm
         finite = torch.isfinite(loss) & torch.isfinite(norm)
-        spike = (self._z(self.losses, loss) > self.threshold) | (self._z(self.norms, norm) > self.threshold)
-        skip = spike | ~finite
+        loss_spike, _, _ = self._test(self.losses, loss)
+        norm_spike, ready, boundary = self._test(self.norms, norm)
+        skip = loss_spike | norm_spike | ~finite
         self.losses.push(loss, ~skip)
         self.norms.push(norm, ~skip)
         step.skip = skip if step.skip is None else (step.skip | skip)
+        earlier = step.threshold if step.threshold is not None else math.nan
+        step.threshold = torch.where(ready, boundary, earlier)
 
     def state_dict(self):
         return {"losses": self.losses.state_dict(), "norms": self.norms.state_dict()}
@@ -423,6 +643,16 @@ class StabilizerStack:
                 self.stabilizers.append(stabilizer)
         self.skips = any(isinstance(s, SpikeSkip) for s in self.stabilizers)
         self.stepped = False  # optimizer state exists only after the first real step
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hand the optimizer to the stabilizers that read its state (SPAM reads Adam's v)."""
+        for s in self.stabilizers:
+            if s.needs_optimizer:
+                s.bind(optimizer)
+
+    def lr_factors(self) -> List[Callable[[int], float]]:
+        """Factors f(step) the LR schedule multiplies by (SPAM's warm-up after a moment reset)."""
+        return [f for f in (s.lr_factor() for s in self.stabilizers) if f is not None]
 
     # -- gradients
     def process(self, loss: torch.Tensor) -> GradStep:

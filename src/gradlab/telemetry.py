@@ -30,9 +30,9 @@ STEP_METRICS = {
     "train/loss": lambda g: g.loss.detach().float(),
     "grad/norm": lambda g: g.pre_norm,  # before any stabilizer
     "grad/norm_after": lambda g: g.applied_norm,  # what the optimizer applied (0 on a skipped step)
-    "grad/clip_coef": lambda g: g.clip_coef,
+    "grad/clip_coef": lambda g: g.clip_coef,  # what the clippers did: norm after / before (skips aside)
     "grad/skipped": lambda g: g.skipped.float(),
-    "grad/threshold": lambda g: g.threshold_or_nan,  # adaptive stabilizers; NaN (not logged) otherwise
+    "grad/threshold": lambda g: g.threshold_or_nan,  # the last adaptive one in the run order; NaN: not logged
 }
 STEP_KEYS = list(STEP_METRICS)
 
@@ -204,9 +204,12 @@ class Recorder:
 
 # ---------------------------------------------------------------- host-side analysis
 class DivergenceWatch:
-    """The first step whose non-finite loss or gradient was applied (not skipped), or the step at
-    which ``max_skips`` consecutive steps have been skipped. ``update`` looks at new rows only,
-    carrying the current run of skips, so each flush costs the same however long the run is."""
+    """The first step that applied (did not skip) a non-finite loss or a non-finite update
+    (``grad/norm_after``: the gradient after the stabilizers), or the step at which ``max_skips``
+    consecutive steps have been skipped. A raw non-finite gradient that an element-wise clipper
+    (clip_value, spam) bounded to finite values reaches the weights finite: not a divergence.
+    ``update`` looks at new rows only, carrying the current run of skips, so each flush costs
+    the same however long the run is."""
 
     def __init__(self, max_skips: int):
         self.max_skips = max_skips
@@ -216,9 +219,9 @@ class DivergenceWatch:
     def update(self, steps: Sequence[int], rows: np.ndarray) -> Optional[int]:
         if self.step is not None or not len(steps):
             return self.step
-        loss, norm, skipped = (rows[:, STEP_KEYS.index(k)] for k in ("train/loss", "grad/norm", "grad/skipped"))
+        loss, applied, skipped = (rows[:, STEP_KEYS.index(k)] for k in ("train/loss", "grad/norm_after", "grad/skipped"))
         skip = skipped > 0.5
-        bad = (~np.isfinite(loss) | ~np.isfinite(norm)) & ~skip
+        bad = (~np.isfinite(loss) | ~np.isfinite(applied)) & ~skip
         idx = np.arange(len(steps))
         last_applied = np.maximum.accumulate(np.where(skip, -1, idx))
         run = np.where(skip, np.where(last_applied < 0, self.skip_run + idx + 1, idx - last_applied), 0)
