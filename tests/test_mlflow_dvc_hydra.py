@@ -64,6 +64,20 @@ def test_matrix_and_search_children_keep_checkpoints_out_of_the_store(tmp_path):
     assert "checkpoint/model.pt" in artifact_paths(uri, kept.run_id)
 
 
+@pytest.mark.slow
+def test_log_model_is_an_mlflow_model_with_a_signature(tmp_path):
+    import mlflow
+    import numpy as np
+
+    r = train(compose(tiny_overrides(tmp_path, "trainer.log_model=true", steps=4)), tmp_path / "out")
+    mlflow.set_tracking_uri(r.tracking_uri)
+    info = mlflow.models.get_model_info(f"runs:/{r.run_id}/model")
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
+    model = mlflow.pyfunc.load_model(f"runs:/{r.run_id}/model")
+    out = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
+    assert np.asarray(out).shape == (3, 10)
+
+
 def test_system_metrics_on_request(tmp_path, monkeypatch):
     from gradlab import training
 

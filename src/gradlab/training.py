@@ -359,18 +359,20 @@ class Trainer:
         return "rescued" if self.cfg.scenario != "default" and remedy != "none" else "ok"
 
     def log_model(self, run: RunLogger) -> None:
-        """The trained model as an MLflow model with an input/output signature (one batch of images
-        -> logits), loadable with mlflow.pytorch.load_model."""
+        """The trained model as an MLflow model with an input/output signature (images -> logits),
+        loadable with mlflow.pytorch.load_model (or mlflow.pyfunc.load_model)."""
         import mlflow
         from mlflow.models import infer_signature
 
+        model = self.engine.model.eval()
         x = self.val_data.x[:2]
         with torch.no_grad():
-            logits = self.engine.model(x).float()
-        signature = infer_signature(x.cpu().numpy(), logits.cpu().numpy())
+            logits = model(x).float()
+        example = x.cpu().numpy()
         mlflow.set_tracking_uri(run.client.tracking_uri)
-        with mlflow.start_run(run_id=run.run_id):
-            mlflow.pytorch.log_model(self.engine.model, name="model", signature=signature)
+        with mlflow.start_run(run_id=run.run_id):  # MLflow's default format: a torch.export'ed graph, no pickle
+            mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                     signature=infer_signature(example, logits.cpu().numpy()))
 
     def plot(self, run_id: str, explosion: Explosion) -> list:
         cfg, h = self.cfg, self.history
