@@ -167,13 +167,14 @@ class Recorder:
         k, nl = len(STEP_KEYS), len(self.layers)
         points = []
         h = self.history
+        lrs = [float(lr) for lr in self.pending_lr]  # a tensor lr (a user's optimizer) is read here, not per step
         for j, step in enumerate(self.pending_steps):
             row = host[j]
             for c, key in enumerate(STEP_KEYS):
                 if key == "grad/threshold" and not np.isfinite(row[c]):
                     continue  # no adaptive threshold (yet) at this step
                 points.append((key, row[c], step))
-            points.append(("lr", self.pending_lr[j], step))
+            points.append(("lr", lrs[j], step))
             if self.is_layer_step(step):
                 h.ratio_steps.append(step)
                 h.layer_ratio.append(row[k + nl:k + 2 * nl])
@@ -181,7 +182,7 @@ class Recorder:
                     points.append((f"grad/layer/{name}", row[k + li], step))
                     points.append((f"update_ratio/{name}", row[k + nl + li], step))
         h.steps += self.pending_steps
-        h.lr += self.pending_lr
+        h.lr += lrs
         h.rows.append(host[:, :k])
         h.layer_grad.append(host[:, k:k + nl])
         self.pending_steps, self.pending_lr = [], []
