@@ -284,3 +284,24 @@ class GradientMonitor:
 
     def __exit__(self, exc_type, exc: Any, tb: Any) -> None:
         self.finish("FAILED" if exc_type is not None else "FINISHED")
+
+
+class MonitorCallback:
+    """What the Lightning and Hugging Face callbacks share: settings checked when the callback is
+    made (not mid-training), a GradientMonitor built when training starts."""
+
+    integration = "pytorch"
+
+    def __init__(self, stabilizers=None, *, telemetry: Optional[dict] = None, tracking=None,
+                 out_dir: Optional[str | Path] = None):
+        monitor_config(stabilizers, telemetry, tracking)
+        self.settings = {"stabilizers": stabilizers, "telemetry": telemetry, "tracking": tracking, "out_dir": out_dir}
+        self.monitor: Optional[GradientMonitor] = None
+        self.result: Optional[MonitorResult] = None
+
+    def start_monitor(self, model, optimizer, run: Optional[RunLogger]) -> GradientMonitor:
+        s = self.settings
+        self.monitor = GradientMonitor(model, optimizer, s["stabilizers"], telemetry=s["telemetry"],
+                                       tracking=s["tracking"], out_dir=s["out_dir"], run=run,
+                                       integration=self.integration)
+        return self.monitor
