@@ -5,6 +5,8 @@ the extra to install, when its framework is missing."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 
 import numpy as np
 import pytest
@@ -100,6 +102,38 @@ def test_lightning_callback_logs_into_the_mlflow_logger_run(tmp_path, tmp_store)
     run = client(tmp_store).get_run(logger.run_id)
     assert run.data.tags["integration"] == "lightning" and run.data.tags["diverged"] == "false"
     assert run.info.status == "FINISHED"  # ended by Lightning's logger, not by gradlab
+
+
+def test_lightning_callback_under_amp_sees_unscaled_gradients_and_loss(tmp_path):
+    """16-mixed with a GradScaler (on the CPU here): the callback's loss and gradients are the
+    unscaled ones (close to a 32-bit run's, not 2^10 times them), and a step the scaler skips
+    (an inf gradient) is recorded as skipped, not as a divergence."""
+    pl = pytest.importorskip("lightning.pytorch", reason="needs the lightning extra: pip install -e '.[lightning]'")
+    from gradlab.lightning import GradlabCallback
+
+    _, model, batches = reference(tmp_path, CLIP, steps=5)
+    runs = {}
+    for precision in ("32", "16-mixed"):
+        callback = GradlabCallback(["clip"], tracking=False, out_dir=tmp_path / precision)
+        net = copy.deepcopy(model)
+        hook = None
+        if precision == "16-mixed":
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+            extra = {"plugins": [pl.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
+            calls = iter(range(100))
+            hook = net.head.bias.register_hook(lambda g: g * math.inf if next(calls) == 3 else g)
+        else:
+            extra = {}
+        lightning_fit(net, batches, callback, tmp_path / precision, **extra)
+        if hook is not None:
+            hook.remove()
+        runs[precision] = callback
+    fp32, amp = (runs[p].monitor.history for p in ("32", "16-mixed"))
+    assert list(amp.column("grad/skipped")) == [0, 0, 0, 1, 0] and runs["16-mixed"].result.diverged_at_step is None
+    kept = [0, 1, 2]  # before the skip: the same weights, so fp16 rounding is the only difference
+    for key in ("train/loss", "grad/norm"):
+        np.testing.assert_allclose(amp.column(key)[kept], fp32.column(key)[kept], rtol=2e-2, err_msg=key)
+    assert scaler.get_scale() == 2.0 ** 9  # the scaler saw the inf and backed off
 
 
 def test_lightning_callback_refuses_gradient_clip_val(tmp_path):

@@ -166,6 +166,7 @@ def test_divergence_is_recorded_and_visible_to_the_loop(tmp_path):
     ({"clip": {"max_nrm": 1}}, None, "stabilizer.clip.max_nrm"),
     ({"zclip": {"mode": "median"}}, None, "stabilizer.zclip.mode"),
     ({"clip": {"max_norm": "big"}}, None, "stabilizer.clip.max_norm"),
+    ({"clip": 0.5}, None, "stabilizer.clip"),
     (["clip"], {"log_every": 0}, "telemetry.log_every"),
     (["clip"], {"log_evry": 5}, "telemetry.log_evry"),
 ])
@@ -204,3 +205,29 @@ def test_warmup_multiplies_any_user_schedule(tmp_path, schedule):
     np.testing.assert_allclose(monitor.history.lr, expected, rtol=1e-12)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9 ** 8, rel=1e-12)
     assert list(monitor.history.column("grad/skipped")) == [0, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_spike_skip_undoes_the_users_optimizer_step(tmp_path):
+    """The user's loop always calls optimizer.step(); a step spike_skip skips is undone bit for bit,
+    also the very first one (decided on the host: the optimizer then has no state to restore, so
+    the state the step created is removed again)."""
+    from test_stabilizers import assert_same, snapshot
+
+    _, model, batches = reference(tmp_path, [], steps=6)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor = GradientMonitor(model, optimizer, {"spike_skip": {"threshold": 1e6}}, tracking=False,
+                              out_dir=tmp_path / "m")
+    for i, (x, y) in enumerate(batches):
+        before = snapshot(model, optimizer)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if i in (0, 4):
+            model.head.bias.grad[0] = math.nan
+        monitor.step(loss)
+        optimizer.step()
+        if i in (0, 4):
+            assert_same(model, optimizer, before)
+    monitor.finish()
+    assert list(monitor.history.column("grad/skipped")) == [1, 0, 0, 0, 1, 0]
+    assert all(float(s["step"]) == 4 for s in optimizer.state.values())  # 6 steps, 2 undone

@@ -65,8 +65,10 @@ def stabilizer_selection(stabilizers) -> Dict[str, dict]:
     if isinstance(stabilizers, str):
         stabilizers = [stabilizers]
     chosen = dict(stabilizers) if isinstance(stabilizers, Mapping) else {name: {} for name in stabilizers}
-    for name in chosen:
+    for name, knobs in chosen.items():
         need(name in STABILIZERS, "stabilizers", f"'{name}' is not one of {', '.join(STABILIZERS.names())}")
+        need(knobs is None or isinstance(knobs, Mapping), f"stabilizer.{name}",
+             f"takes a dict of its knobs, e.g. {{'max_norm': 0.5}}, got {knobs!r}")
     return {name: dict(knobs or {}) for name, knobs in chosen.items() if name != "none"}
 
 
