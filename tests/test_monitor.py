@@ -231,3 +231,15 @@ def test_spike_skip_undoes_the_users_optimizer_step(tmp_path):
     monitor.finish()
     assert list(monitor.history.column("grad/skipped")) == [1, 0, 0, 0, 1, 0]
     assert all(float(s["step"]) == 4 for s in optimizer.state.values())  # 6 steps, 2 undone
+
+
+def test_context_manager_marks_a_crashed_loop_failed(tmp_path, tmp_store):
+    _, model, batches = reference(tmp_path, [], steps=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="user bug"):
+        with GradientMonitor(model, optimizer, ["clip"], tracking={"uri": tmp_store}, out_dir=tmp_path / "m") as monitor:
+            user_steps(model, batches, monitor, optimizer)
+            raise RuntimeError("user bug")
+    run = client(tmp_store).get_run(monitor.result.run_id)
+    assert run.info.status == "FAILED" and run.data.metrics["steps"] == 3.0
+    assert run.info.experiment_id == client(tmp_store).get_experiment_by_name("gradlab").experiment_id
