@@ -10,6 +10,7 @@ Prints a Markdown table (the one in the README).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -34,14 +35,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_args(doc: str) -> argparse.Namespace:
+    """The options every side-by-side benchmark here takes."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     ap.add_argument("--steps", type=int, default=40, help="timed steps per variant per round")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=128)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def interleaved(steps: dict, base: str, rounds: int, n: int, device: torch.device) -> tuple:
+    """Time ``n`` calls of each step function per round, the variants one after the other in every
+    round; returns (median ms per call of ``base``, {variant: median ratio to ``base``})."""
+    ratios = {v: [] for v in steps}
+    base_ms = []
+    for _ in range(rounds):
+        per_step = {}
+        for v, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            sync(device)
+            per_step[v] = (time.perf_counter() - t0) / n
+        base_ms.append(per_step[base] * 1000)
+        for v in steps:
+            ratios[v].append(per_step[v] / per_step[base])
+    return statistics.median(base_ms), {v: statistics.median(r) for v, r in ratios.items()}
+
+
+def step_and_flush(engine, x, y) -> None:
+    engine.step(x, y)
+    if engine.recorder.full:
+        engine.recorder.flush()  # the once-per-interval host copy is part of the cost
+
+
+def main() -> None:
+    args = bench_args(__doc__)
     register_configs()
     tmp = tempfile.mkdtemp()
     rows = []
@@ -58,29 +90,13 @@ def main() -> None:
                 x, y = next(data.shuffled_batches(args.batch_size, torch.randperm(len(data))))
                 t = trainer.engine
                 for _ in range(30):  # warm up: allocator, optimizer state, adaptive histories
-                    t.step(x, y)
-                    if t.recorder.full:
-                        t.recorder.flush()
+                    step_and_flush(t, x, y)
                 trainers[v] = (t, x, y)
-            ratios = {v: [] for v in VARIANTS}
-            base_ms = []
-            for _ in range(args.rounds):
-                per_step = {}
-                for v, (t, x, y) in trainers.items():
-                    sync(t.device)
-                    t0 = time.perf_counter()
-                    for _ in range(args.steps):
-                        t.step(x, y)
-                        if t.recorder.full:
-                            t.recorder.flush()  # the once-per-interval host copy is part of the cost
-                    sync(t.device)
-                    per_step[v] = (time.perf_counter() - t0) / args.steps
-                base_ms.append(per_step["none"] * 1000)
-                for v in VARIANTS:
-                    ratios[v].append(per_step[v] / per_step["none"])
             device = next(iter(trainers.values()))[0].device
+            base_ms, ratios = interleaved({v: functools.partial(step_and_flush, *tx) for v, tx in trainers.items()},
+                                          "none", args.rounds, args.steps, device)
             for v in VARIANTS:
-                rows.append((model, v, statistics.median(ratios[v]), statistics.median(base_ms), str(device)))
+                rows.append((model, v, ratios[v], base_ms, str(device)))
     print(f"| model | stabilizer | step time vs none (median of {args.rounds} rounds) | none ms/step | device |")
     print("|---|---|---|---|---|")
     for model, v, r, base, dev in rows:

@@ -2,19 +2,23 @@
 
 forward (under autocast) -> loss -> backward (GradScaler-scaled) -> unscale -> the
 stabilizer pipeline -> the update (undone where a stabilizer skips it) -> one telemetry
-row into the device buffer. Mixed precision is always "on" as objects: with
-``precision=32`` autocast is disabled and the GradScaler is torch's disabled scaler,
+row into the device buffer (the part after backward is ``UpdatePipeline``, which
+``gradlab.monitor`` also drives around a user's own step). Mixed precision is always "on"
+as objects: with ``precision=32`` autocast is disabled and the GradScaler is torch's disabled scaler,
 whose calls are no-ops, so the step has no precision branches. The engine owns all of
 its state in one ``state_dict``.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .optim import Schedule, build_optimizer
-from .stabilizers import StabilizerStack
+from .stabilizers import GradStep, StabilizerStack, UpdateSnapshot
 from .telemetry import Recorder
 
 AMP_DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,6 +26,45 @@ AMP_DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
     return sum(p.abs().sum() for n, p in model.named_parameters() if n.endswith("weight"))
+
+
+@dataclass
+class PendingUpdate:
+    gs: GradStep
+    snapshot: UpdateSnapshot
+    step: int
+    lr: float
+
+
+class UpdatePipeline:
+    """What gradlab adds to a step after backward(): the stabilizers on the unscaled gradients,
+    the update (undone where a stabilizer skips it) and one telemetry row. StepEngine drives it
+    around its own optimizer step; GradientMonitor and the Lightning / Hugging Face callbacks
+    around the step that the user's loop or framework takes. Device work only."""
+
+    def __init__(self, stack: StabilizerStack, recorder: Recorder, optimizer):
+        self.stack, self.recorder, self.optimizer = stack, recorder, optimizer
+        self.pending: Optional[PendingUpdate] = None
+
+    def begin(self, loss: torch.Tensor, step: int, lr) -> bool:
+        """Stabilize the gradients and snapshot what a skip restores; False when the optimizer step
+        must not run (a skip decided on the host, see ``StabilizerStack.before_update``)."""
+        gs = self.stack.process(loss)
+        snapshot = self.stack.before_update(self.optimizer, gs, keep_old_params=self.recorder.is_layer_step(step))
+        self.pending = PendingUpdate(gs, snapshot, step, lr)
+        return snapshot.run_step
+
+    def end(self, not_applied: Optional[torch.Tensor] = None) -> None:
+        """After the optimizer step (or where it was not taken): undo a skipped update and record
+        the row. ``not_applied``: a device flag for an update something else skipped (GradScaler)."""
+        p, self.pending = self.pending, None
+        old = self.stack.after_update(p.snapshot)
+        skipped = p.gs.skip if p.gs.skip is not None else torch.zeros((), dtype=torch.bool, device=p.gs.pre_norm.device)
+        if not_applied is not None:
+            skipped = skipped | not_applied
+        p.gs.finish(skipped)
+        self.recorder.record(p.step, p.lr, p.gs, old_params=old,
+                             params=self.stack.params if p.snapshot.keep_old_params else None)
 
 
 class StepEngine:
@@ -39,6 +82,7 @@ class StepEngine:
         self.amp_dtype = AMP_DTYPES[cfg.trainer.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16")
         self.recorder = Recorder(self.stack.names, device, cfg.telemetry.log_every, cfg.telemetry.layer_every)
+        self.pipeline = UpdatePipeline(self.stack, self.recorder, self.optimizer)
         self.step_count = 0
         self.correct = torch.zeros((), dtype=torch.long, device=device)  # this epoch's right answers
         self.seen = 0  # ... out of this many training images
@@ -55,18 +99,15 @@ class StepEngine:
         objective = loss + self.loss_cfg.l1 * l1_penalty(self.model) if self.loss_cfg.l1 > 0 else loss
         self.scaler.scale(objective).backward()
         self.scaler.unscale_(self.optimizer)  # stabilizers must see true gradients
-        gs = self.stack.process(loss)
-        layer_step = self.recorder.is_layer_step(self.step_count)
-        old = self.stack.step(self.optimizer, gs, self.scaler, keep_old_params=layer_step)
-        skipped = gs.skip if gs.skip is not None else torch.zeros((), dtype=torch.bool, device=self.device)
+        if self.pipeline.begin(loss, self.step_count, self.schedule.lr):
+            self.scaler.step(self.optimizer)
+        not_applied = None
         if self.scaler.is_enabled():
-            skipped = skipped | ~torch.isfinite(gs.pre_norm)  # what GradScaler skips
+            not_applied = ~torch.isfinite(self.pipeline.pending.gs.pre_norm)  # what GradScaler skips
             self.scaler.update()
-        gs.finish(skipped)
         self.correct += (logits.detach().argmax(1) == y).sum()
         self.seen += len(y)
-        self.recorder.record(self.step_count, self.schedule.lr, gs, old_params=old,
-                             params=self.stack.params if layer_step else None)
+        self.pipeline.end(not_applied)
         self.schedule.step()
         self.step_count += 1
 

@@ -15,6 +15,7 @@ skipped that step.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -615,6 +616,19 @@ class SpikeSkip(Stabilizer):
         self.norms.load_state_dict(state["norms"])
 
 
+@dataclass
+class UpdateSnapshot:
+    """A copy of what an update changes, taken just before it (``StabilizerStack.before_update``)."""
+
+    skip: Optional[torch.Tensor]
+    run_step: bool  # False: the update is skipped on the host (take no optimizer step, or it is undone)
+    tracked: List[torch.Tensor]  # params (and optimizer state) that a skip restores
+    old: Optional[List[torch.Tensor]]  # their values before the update
+    keep_old_params: bool
+    optimizer: object = None  # host-skip only: whose state to put back
+    saved_state: Dict = field(default_factory=dict)
+
+
 def selected_names(cfg_stabilizer) -> List[str]:
     """The options the config selects, in the run order (``none`` selects nothing)."""
     return [e.name for e in STABILIZERS if e.name != "none" and cfg_stabilizer.get(e.name) is not None]
@@ -629,8 +643,9 @@ class StabilizerStack:
     """Runs the selected gradient stabilizers in the registry's order; spike skipping and
     update snapshots are applied around ``optimizer.step``."""
 
-    def __init__(self, cfg_stabilizer, model: nn.Module, device: torch.device):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    def __init__(self, cfg_stabilizer, model: nn.Module, device: torch.device, named=None):
+        """``named``: the (name, parameter) pairs to treat, default every trainable parameter of ``model``."""
+        named = named if named is not None else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.device = device
@@ -671,28 +686,47 @@ class StabilizerStack:
             out += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
         return out
 
-    def step(self, optimizer, step: GradStep, scaler=None, keep_old_params: bool = False):
-        """optimizer.step(), undone bit-for-bit where ``step.skip``; returns the old params
-        when ``keep_old_params`` (for update-to-weight ratios), else None."""
+    def before_update(self, optimizer, step: GradStep, keep_old_params: bool = False) -> "UpdateSnapshot":
+        """What ``after_update`` needs to undo the coming update where ``step.skip`` (and the old
+        params when ``keep_old_params``, for update-to-weight ratios). Device copies only, except
+        before the optimizer's first real step: it has no state yet that a device-side select
+        could restore, so that one decision is read on the host (once per run, not per step)."""
         skip = step.skip
         if skip is not None and not self.stepped and bool(skip):
-            # Before the first real step the optimizer has no state to restore, so this
-            # one decision is read on the host (once per run, not per step).
-            return [p.detach().clone() for p in self.params] if keep_old_params else None
+            saved = {p: {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in optimizer.state[p].items()}
+                     for p in self.params if p in optimizer.state}
+            return UpdateSnapshot(skip, False, list(self.params), [p.detach().clone() for p in self.params],
+                                  keep_old_params, optimizer, saved)
         self.stepped = True
         state = self._state_tensors(optimizer) if skip is not None else []
         tracked = self.params + state if skip is not None else (self.params if keep_old_params else [])
-        snaps = None
-        if tracked:
-            snaps = [t.detach().clone() for t in tracked]
-        if scaler is not None:
+        snaps = [t.detach().clone() for t in tracked] if tracked else None
+        return UpdateSnapshot(skip, True, tracked, snaps, keep_old_params)
+
+    def after_update(self, snap: "UpdateSnapshot") -> Optional[List[torch.Tensor]]:
+        """Undo the update where it was to be skipped; returns the old params when kept, else None."""
+        if not snap.run_step:  # skipped on the host: undo whatever a framework's loop did anyway
+            for t, old in zip(snap.tracked, snap.old):
+                t.detach().copy_(old)
+            for p in self.params:
+                if p in snap.saved_state:
+                    snap.optimizer.state[p] = snap.saved_state[p]
+                else:
+                    snap.optimizer.state.pop(p, None)
+        elif snap.skip is not None:
+            for t, old in zip(snap.tracked, snap.old):
+                t.detach().copy_(torch.where(snap.skip, old, t.detach()))
+        return snap.old[: len(self.params)] if snap.keep_old_params else None
+
+    def step(self, optimizer, step: GradStep, scaler=None, keep_old_params: bool = False):
+        """optimizer.step() (through ``scaler`` when given), undone bit-for-bit where ``step.skip``;
+        returns the old params when ``keep_old_params``, else None."""
+        snap = self.before_update(optimizer, step, keep_old_params)
+        if snap.run_step and scaler is not None:
             scaler.step(optimizer)
-        else:
+        elif snap.run_step:
             optimizer.step()
-        if skip is not None:
-            for t, old in zip(tracked, snaps):
-                t.detach().copy_(torch.where(skip, old, t.detach()))
-        return snaps[: len(self.params)] if keep_old_params else None
+        return self.after_update(snap)
 
     def state_dict(self) -> dict:
         return {"stepped": self.stepped, **{s.name: s.state_dict() for s in self.stabilizers}}

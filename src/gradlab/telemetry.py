@@ -190,12 +190,13 @@ class Recorder:
         k, nl = len(STEP_KEYS), len(self.layers)
         h = self.history
         start = len(h.steps)
+        lrs = [float(lr) for lr in self.pending_lr]  # a tensor lr (a user's optimizer) is read here, not per step
         for j, step in enumerate(self.pending_steps):
             if self.is_layer_step(step):
                 h.ratio_steps.append(step)
                 h.layer_ratio.append(host[j, k + nl:k + 2 * nl])
         h.steps += self.pending_steps
-        h.lr += self.pending_lr
+        h.lr += lrs
         h.rows.append(host[:, :k])
         h.layer_grad.append(host[:, k:k + nl])
         self.pending_steps, self.pending_lr = [], []

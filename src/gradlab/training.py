@@ -26,19 +26,18 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from . import checkpoint, plots
+from . import checkpoint, record
 from .config import check, resolve_device
 from .errors import ConfigError
 from .data import DeviceData, EpochOrder, load_splits
 from .engine import StepEngine
 from .evaluation import evaluate_split
 from .models import build_model
+from .record import MAX_CONSECUTIVE_SKIPS, now_ms
 from .stabilizers import stabilizer_label
 from .resume import BUDGET_KEYS, HOW_KEYS, resume_config, resume_key
-from .telemetry import DivergenceWatch, Explosion, detect_explosion
+from .telemetry import DivergenceWatch, Explosion
 from .tracking import ENV_TAGS, RunLogger, ensure_store, flatten, run_name, run_tags, tracking_uri
-
-MAX_CONSECUTIVE_SKIPS = 100  # a run that skips this many steps in a row has diverged too
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -58,10 +57,6 @@ SYSTEM_METRICS_EVERY_S = 10.0  # tracking.system_metrics: MLflow's sampling inte
 
 def log(msg: str) -> None:
     logger.info(msg)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass
@@ -250,14 +245,7 @@ class Trainer:
         their points go to MLflow up to and including a divergence step, nothing after it. Every
         ``trainer.checkpoint_every`` steps, a crash-safety checkpoint follows."""
         h = self.history
-        known = len(h.steps)
-        points = self.engine.recorder.flush()
-        if len(h.steps) > known:
-            at = self.divergence.update(h.steps[known:], h.rows[-1])
-            if at is not None:
-                points = [p for p in points if p[2] <= at]
-                h.truncate(at)
-        run.log_points(points, now_ms())
+        run.log_points(record.new_points(self.engine.recorder, self.divergence), now_ms())
         if h.steps:
             self.progress(h)
         every = self.cfg.trainer.checkpoint_every
@@ -307,20 +295,16 @@ class Trainer:
             self.last_val = evaluate_split(self.engine.model, self.val_data, autocast=self.engine.autocast)[:2]
         elif self.order.batch:  # a partial epoch (max_steps): still report val
             self.validate(run)
-        explosion = detect_explosion(h, self.engine.recorder.layers, cfg.telemetry.explosion_factor,
-                                     cfg.telemetry.explosion_window)
+        explosion = record.explosion_of(self.engine.recorder, cfg.telemetry)
         summary, tags = self.summary(explosion)
-        run.log_metrics(summary, step=h.steps[-1] if h.steps else 0, timestamp_ms=now_ms())
-        run.set_tags(tags)
         ckpt = self.save(self.checkpoint_path)
         run.log_artifact(self.output_dir / "config.yaml")
         if cfg.trainer.log_checkpoint:
             run.log_artifact(ckpt, "checkpoint")
         if cfg.trainer.log_model:
             self.log_model(run)
-        if cfg.telemetry.plots and h.steps:
-            for path in self.plot(run.run_id, explosion):
-                run.log_artifact(path, "plots")
+        plot_paths = self.plot(run.run_id, explosion) if cfg.telemetry.plots and h.steps else []
+        record.log_end(run, h, summary, tags, plot_paths)
         if self.system_metrics is not None:
             self.system_metrics.finish()
         run.close("FINISHED")
@@ -329,23 +313,9 @@ class Trainer:
                            explosion.step, explosion.first_layer, self.last_val[1], summary["time/step_ms"] / 1000)
 
     def summary(self, explosion: Explosion) -> tuple[dict, dict]:
-        h, at = self.history, self.divergence.step
-        steps = len(h.steps)
-        norm = h.column("grad/norm")
-        finite = norm[np.isfinite(norm)]
-        metrics = {"clip_rate": float((h.column("grad/clip_coef") < 1.0).mean()) if steps else 0.0,
-                   "skip_count": float((h.column("grad/skipped") > 0.5).sum()), "steps": float(steps),
-                   "time/step_ms": 1000 * self.train_seconds / max(steps, 1),
-                   "grad/norm_max": float(finite.max()) if finite.size else (math.nan if steps else 0.0),
-                   "final/val_accuracy": self.last_val[1], "final/val_loss": self.last_val[0]}
-        tags = {"diverged": str(at is not None).lower(), "exploding": str(explosion.step is not None).lower(),
-                "outcome": self.outcome()}
-        if at is not None:
-            metrics["diverged_at_step"] = float(at)
-        if explosion.step is not None:
-            metrics["explosion/step"] = float(explosion.step)
-            tags["explosion/step"] = explosion.step
-            tags["explosion/first_layer"] = explosion.first_layer or "n/a"
+        metrics, tags = record.summary(self.history, self.divergence.step, self.train_seconds, explosion)
+        metrics.update({"final/val_accuracy": self.last_val[1], "final/val_loss": self.last_val[0]})
+        tags["outcome"] = self.outcome()
         return metrics, tags
 
     def outcome(self) -> str:
@@ -375,16 +345,11 @@ class Trainer:
                                      signature=infer_signature(example, logits.cpu().numpy()))
 
     def plot(self, run_id: str, explosion: Explosion) -> list:
-        cfg, h = self.cfg, self.history
-        layers = self.engine.recorder.layers
+        cfg = self.cfg
         title = f"{run_id[:8]} {cfg.model.name} {stabilizer_label(cfg.stabilizer)} seed {cfg.seed}"
         clip = cfg.stabilizer.get("clip")
-        return [plots.layer_heatmap(h.steps, layers, h.layer_grid(len(layers)),
-                                    self.output_dir / "grad_layer_heatmap.png", explosion.step, title),
-                plots.norm_history(h.steps, h.column("grad/norm"), h.column("grad/norm_after"),
-                                   h.column("grad/clip_coef"), h.column("grad/skipped"), h.column("grad/threshold"),
-                                   self.output_dir / "grad_norm.png", clip.max_norm if clip is not None else None,
-                                   explosion.step, self.divergence.step, title)]
+        return record.plot(self.engine.recorder, self.output_dir, title, explosion, self.divergence.step,
+                           clip.max_norm if clip is not None else None)
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: Path) -> Path:
