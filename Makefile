@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev  # CI: dev,lightning,hf (the own-loop integrations' tests skip without them)
+# pip extras; CI: dev,lightning,hf (the own-loop integrations' tests skip without them)
+EXTRAS ?= dev
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 
