@@ -33,6 +33,7 @@ ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db
 
 bench: $(STAMP)
+	$(PY) benchmarks/suite.py
 	$(PY) benchmarks/stabilizer_overhead.py
 
 clean:
