@@ -199,7 +199,8 @@ class Trainer:
                    "skip_count": float((h.column("grad/skipped") > 0.5).sum()), "steps": float(steps),
                    "time/step_ms": 1000 * self.train_seconds / max(steps, 1),
                    "grad/norm_max": float(finite.max()) if finite.size else (math.nan if steps else 0.0),
-                   "final/val_accuracy": self.last_val[1], "final/val_loss": self.last_val[0]}
+                   "final/val_accuracy": self.last_val[1], "final/val_loss": self.last_val[0],
+                   "model/parameters": float(sum(p.numel() for p in self.engine.model.parameters()))}
         tags = {"diverged": str(at is not None).lower(), "exploding": str(explosion.step is not None).lower()}
         if at is not None:
             metrics["diverged_at_step"] = float(at)
