@@ -75,7 +75,7 @@ import yaml
 
 from .cli import describe_error
 from .config import ConfigError, compose_config
-from .remedies import Remedy, define, resolve, stabilizer_remedy
+from .remedies import Remedy, define_all, overrides_list, resolve, stabilizer_remedy
 
 DEFAULT_EXPERIMENT = "gradlab-matrix"
 NONE = stabilizer_remedy("none")
@@ -141,28 +141,9 @@ def _scenario(value: Any, spec: MatrixSpec) -> Scenario:
     preset = value.get("experiment", name)  # experiment: null for a scenario made of overrides only
     base = [f"experiment={preset}"] if preset else []
     remedies = value.get("remedies")
-    return Scenario(name, [*base, *_overrides(value.get("overrides"), f"matrix.scenarios.{name}.overrides"),
+    return Scenario(name, [*base, *overrides_list(value.get("overrides"), f"matrix.scenarios.{name}.overrides"),
                            f"scenario={name}"],
                     None if remedies is None else spec.resolve(remedies, f"matrix.scenarios.{name}.remedies"))
-
-
-def _overrides(value: Any, key: str) -> List[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return value.split()
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    raise ConfigError(key, f"expected a list of Hydra overrides, got {value!r}")
-
-
-def define_remedies(stabilizers: Any = None, remedies: Any = None) -> Dict[str, Remedy]:
-    """``matrix.stabilizers`` (plain stabilizer values) and ``matrix.remedies`` as one ordered mapping."""
-    older, newer = define(stabilizers, "matrix.stabilizers"), define(remedies)
-    twice = set(older) & set(newer)
-    if twice:
-        raise ConfigError(f"matrix.remedies.{sorted(twice)[0]}", "defined twice (also in matrix.stabilizers)")
-    return {**older, **newer} or {"none": NONE}
 
 
 def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
@@ -181,8 +162,8 @@ def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError("matrix.jobs", f"must be an integer >= 1, got {jobs!r}")
     spec = MatrixSpec(experiment=str(d.get("experiment") or DEFAULT_EXPERIMENT),
-                      remedies=define_remedies(d.get("stabilizers"), d.get("remedies")), seeds=seeds,
-                      overrides=_overrides(d.get("overrides"), "matrix.overrides"), jobs=jobs)
+                      remedies=define_all(d.get("stabilizers"), d.get("remedies")), seeds=seeds,
+                      overrides=overrides_list(d.get("overrides"), "matrix.overrides"), jobs=jobs)
     spec.scenarios = [_scenario(s, spec) for s in scenarios]
     return spec
 

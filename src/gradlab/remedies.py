@@ -85,13 +85,14 @@ def stabilizer_remedy(value: Any) -> Optional[Remedy]:
     return Remedy(text, (f"stabilizer={text}",))
 
 
-def _overrides(value: Any, key: str) -> Tuple[str, ...]:
+def overrides_list(value: Any, key: str) -> List[str]:
+    """Hydra overrides as written in params.yaml: a list, or one string split like a command line."""
     if value is None:
-        return ()
+        return []
     if isinstance(value, str):
-        return tuple(value.split())
+        return value.split()
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
-        return tuple(str(v) for v in value)
+        return [str(v) for v in value]
     raise ConfigError(key, f"expected a list of Hydra overrides, got {value!r}")
 
 
@@ -112,7 +113,7 @@ def check_remedy(remedy: Remedy, key: str) -> Remedy:
 def define(value: Any, key: str = "matrix.remedies") -> Dict[str, Remedy]:
     """Remedies from ``matrix.remedies``: a mapping name -> overrides, or a list of plain stabilizer values."""
     if isinstance(value, dict):
-        return {str(n): check_remedy(Remedy(str(n), _overrides(o, f"{key}.{n}")), f"{key}.{n}") for n, o in value.items()}
+        return {str(n): check_remedy(Remedy(str(n), tuple(overrides_list(o, f"{key}.{n}"))), f"{key}.{n}") for n, o in value.items()}
     out: Dict[str, Remedy] = {}
     for entry in value or []:
         remedy = stabilizer_remedy(entry)
@@ -132,8 +133,18 @@ def resolve(name: Any, defined: Dict[str, Remedy], key: str) -> Remedy:
     return found
 
 
+def define_all(stabilizers: Any = None, remedies: Any = None) -> Dict[str, Remedy]:
+    """``matrix.stabilizers`` (plain stabilizer values, the older form) and ``matrix.remedies`` as one
+    ordered mapping; without either, just ``none``."""
+    older, newer = define(stabilizers, "matrix.stabilizers"), define(remedies)
+    twice = set(older) & set(newer)
+    if twice:
+        raise ConfigError(f"matrix.remedies.{sorted(twice)[0]}", "defined twice (also in matrix.stabilizers)")
+    return {**older, **newer} or {"none": stabilizer_remedy("none")}
+
+
 def load(params_file: str | Path = "params.yaml") -> Dict[str, Remedy]:
-    """The remedies defined in a params file's ``matrix:`` (``remedies`` and the older ``stabilizers``)."""
+    """The remedies defined in a params file's ``matrix:`` (none when the file or the key is missing)."""
     path = Path(params_file)
     matrix = ((yaml.safe_load(path.read_text()) or {}) if path.exists() else {}).get("matrix") or {}
-    return {**define(matrix.get("stabilizers"), "matrix.stabilizers"), **define(matrix.get("remedies"))}
+    return define_all(matrix.get("stabilizers"), matrix.get("remedies"))

@@ -28,6 +28,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -41,6 +42,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.artifacts import download_artifacts  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
@@ -67,8 +69,8 @@ DEFINITIONS = [
     ("grad norm max / median", "raw (pre-stabilizer) global gradient norm: the largest, and the median, of every "
                                "finite per-step value of every run in the cell"),
     ("clip rate", "mean over the runs of the fraction of steps a stabilizer scaled the gradient down"),
-    ("ms/step", "mean wall time per optimizer step (the whole training loop divided by the steps; a cost "
-                "measured on whatever else the machine ran at the time)"),
+    ("ms/step", "mean wall time per optimizer step (the training loop divided by its steps, as measured next to "
+                "whatever else the machine ran; in a run that diverged within a few steps, fixed costs dominate)"),
     ("parameters", "trainable and non-trainable parameters of the model"),
     ("config / commit / data", "config hash (resolved config less seed, paths and tracking.*), git commit and "
                                "data checksum of the runs"),
@@ -186,10 +188,6 @@ def select_runs(runs_file: Optional[str | Path] = None, parent: Optional[str] = 
 
 def read_not_applicable(uri: str, parent: str) -> List[dict]:
     """The cells a matrix found not applicable, from its parent run (none for older matrices)."""
-    import tempfile
-
-    from mlflow.artifacts import download_artifacts
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = download_artifacts(run_id=parent, artifact_path="matrix/not_applicable.json", dst_path=tmp,
