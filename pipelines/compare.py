@@ -10,6 +10,7 @@ Writes report.md/.html/.csv, metrics.json, accuracy.csv and figures/ into --out 
 logs them to the parent run when the whole matrix is selected (a run list or --parent, no --filter).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,13 +34,14 @@ def main(argv=None) -> int:
                                           "else ./mlflow.db)")
     p.add_argument("--out", default="reports", help="report folder (default: reports)")
     a = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading the matrix's n/a cells
     runs_file = a.runs or (DEFAULT_RUNS if not (a.parent or a.experiment or a.filter) else None)
     try:
         selection = select_runs(runs_file, a.parent, a.experiment, a.filter, a.tracking_uri)
         report = write_report(selection, a.out)
     except ReportError as exc:
         fail(str(exc), 2)
-    best = ", ".join(f"{r.scenario}: {r.stabilizer}" for r in report.table[report.table.best].itertuples())
+    best = ", ".join(f"{r.scenario}: {r.remedy}" for r in report.table[report.table.best].itertuples())
     logged = f"; logged to parent run {report.parent_run_id}" if report.parent_run_id else ""
     print(f"report: {len(report.runs)} runs, best remedy {best} -> {Path(a.out) / 'report.md'}{logged}", file=sys.stderr)
     return 0

@@ -5,7 +5,9 @@ Usage (fixed Hydra overrides for every trial after --):
       --param optimizer.lr=loguniform:1e-4:1.0 --param stabilizer.clip.max_norm=uniform:0.1:10 \\
       --param optimizer=choice:sgd,adam --param trainer.batch_size=int:32:256 -- experiment=explode_high_lr stabilizer=clip
   python pipelines/search.py ... --storage sqlite:///optuna.db --study-name lr-vs-clip   # several workers, one study
-Param kinds: uniform:LOW:HIGH, loguniform:LOW:HIGH, int:LOW:HIGH, choice:A,B,... (see gradlab.search).
+  python pipelines/search.py --param remedy=choice:clip,he_init,layernorm -- experiment=explode_deep_mlp
+Param kinds: uniform:LOW:HIGH, loguniform:LOW:HIGH, int:LOW:HIGH, choice:A,B,... (see gradlab.search);
+remedy=choice:... picks named remedies, defined under matrix.remedies in --params (or stabilizer values).
 """
 import argparse
 import sys
@@ -33,13 +35,17 @@ def main(argv=None) -> int:
     p.add_argument("--study-name", help="with --storage: the same name joins the same study")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--params", default="params.yaml", help="where remedy=choice:... finds the remedies "
+                                                           "(matrix.remedies; default: params.yaml)")
     a = p.parse_args(argv)
     if a.trials < 1 or a.startup_trials < 0:
         p.error("--trials must be >= 1 and --startup-trials >= 0")
     from gradlab.data import DataError
+    from gradlab.remedies import load as load_remedies
 
     try:
-        spec = SearchSpec(params=parse_space(a.param), fixed=a.overrides, metric=a.metric, direction=a.direction,
+        remedies = load_remedies(a.params) if any(t.startswith("remedy=") for t in a.param) else {}
+        spec = SearchSpec(params=parse_space(a.param, remedies), fixed=a.overrides, metric=a.metric, direction=a.direction,
                           sampler=a.sampler, trials=a.trials, startup_trials=a.startup_trials, seed=a.seed,
                           storage=a.storage, study_name=a.study_name, experiment=a.experiment)
         summary = run_search(spec, uri=a.tracking_uri)

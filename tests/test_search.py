@@ -165,3 +165,43 @@ def test_cli_bad_param_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("gradlab: bad --param 'optimizer.lrr=uniform:0.1:1'") and "lrr" in lines[0]
     assert not (tmp_path / "mlflow.db").exists()  # nothing ran, no store created
+
+
+# ---------------------------------------------------------------- named remedies
+REMEDIES_PARAMS = "matrix:\n  remedies:\n    lower_lr: [optimizer.lr=0.01]\n    layernorm: [model.norm=layernorm]\n"
+
+
+def test_search_samples_named_remedies_and_tags_the_trials(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(REMEDIES_PARAMS)
+    uri = store_uri(tmp_path / "store")
+    code = _search_cli()(["--sampler", "random", "--trials", "4", "--seed", "1", "--tracking-uri", uri, "--params",
+                          str(params), "--param", "remedy=choice:clip,lower_lr,layernorm", "--", *FAST, "optimizer=sgd",
+                          "trainer.max_steps=4"])
+    assert code == 0, capsys.readouterr()
+    parents, children = _runs(uri, "gradlab-search")
+    kids = children[parents[0].info.run_id]
+    expected = {"clip": ("gradient-side", "clip", "0.05", "none"), "lower_lr": ("optimization", "none", "0.01", "none"),
+                "layernorm": ("architecture", "none", "0.05", "layernorm")}
+    for k in kids:
+        tags, p = k.data.tags, k.data.params
+        assert (tags["remedy_kind"], tags["stabilizer"], p["optimizer.lr"], p["model.norm"]) == expected[tags["remedy"]]
+    assert len({k.data.tags["remedy"] for k in kids}) >= 2
+    assert parents[0].data.params["space.remedy"] == "choice:clip,lower_lr,layernorm"
+
+
+def test_remedy_params_are_checked_before_anything_runs(tmp_path):
+    from gradlab.remedies import define
+    from gradlab.search import check_space
+
+    remedies = define({"residual": ["model.residual=true"], "lower_lr": ["optimizer.lr=0.01"]})
+    with pytest.raises(SearchSpecError, match="remedies are sampled by name"):
+        parse_space(["remedy=uniform:0:1"], remedies)
+    with pytest.raises(SearchSpecError, match="'he_init' is neither a remedy"):
+        parse_space(["remedy=choice:lower_lr,he_init"], remedies)
+    space = parse_space(["remedy=choice:lower_lr,residual,[warmup,clip]"], remedies)
+    assert space[0].overrides("[warmup,clip]") == ["stabilizer=[warmup,clip]"]
+    with pytest.raises(SearchSpecError, match=r"Key 'residual' not in 'MLPConfig' \(with remedy=residual: "
+                                              r"model.residual=true\)"):
+        check_space(space, ["data=synthetic"])
+    check_space(space, ["data=synthetic", "model=deep_mlp"])  # deep_mlp has the knob

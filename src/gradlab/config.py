@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -272,6 +272,44 @@ def config_from_dict(saved: Dict[str, Any]):
         raise ConfigError("config", f"the saved config does not fit this gradlab ({str(exc).splitlines()[0]})") from None
     check(cfg)
     return cfg
+
+
+def unknown_key(key: str, value: Any = None) -> Optional[str]:
+    """Why no choice of options could take the override ``key=value`` (an option or a key that no
+    schema has), else None. Unlike a composition error this is about every config at once:
+    ``model.residual`` is a key of deep_mlp only, so it is not unknown; ``model.residul`` is."""
+    parts = key.split(".")
+    registry = {**GROUPS, "stabilizer": STABILIZERS}.get(key)
+    if registry is not None:  # a group's option(s)
+        bad = [n for n in (value if isinstance(value, list) else [value]) if n not in registry]
+        return f"'{bad[0]}' is not a {key} option (one of {', '.join(registry.names())})" if bad else None
+    schemas: List[Any] = [Config]
+    for i, part in enumerate(parts):
+        found = []
+        for schema in schemas:
+            hints = get_type_hints(schema)
+            if schema is Config and part in GROUPS:
+                found += [e.schema for e in GROUPS[part]]
+            elif part in hints:
+                found.append(_optional_inner(hints[part]))
+        if not found:
+            parent = ".".join(parts[:i])
+            if len(parts) == 1 and (conf_dir() / part).is_dir():
+                return None  # another group's choice (data=..., experiment=...): composition decides
+            return f"no {parent} option has a key '{part}'" if parent in GROUPS else \
+                f"'{parent or 'the config'}' has no key '{part}'"
+        schemas = [s for s in found if is_dataclass(s)]
+        if not schemas:
+            return None  # a value (or an element of one) below an existing key
+    return None
+
+
+def _optional_inner(hint: Any) -> Any:
+    """X for Optional[X], else the hint itself."""
+    if get_origin(hint) is Union:
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else hint
+    return hint
 
 
 def scenario_names() -> List[str]:

@@ -1,25 +1,40 @@
-"""The benchmark matrix: scenarios x stabilizers x seeds, one MLflow parent run.
+"""The benchmark matrix: scenarios x remedies x seeds, one MLflow parent run.
 
 The matrix is defined under ``matrix:`` in ``params.yaml``::
 
     matrix:
       experiment: gradlab-matrix
-      scenarios: [explode_deep_mlp, explode_rnn, explode_high_lr]   # experiment presets
-      stabilizers: [none, clip, "[warmup,clip]"]                     # stabilizer group choices
+      remedies:                          # name: the Hydra overrides that apply it
+        he_init: [model.init=kaiming, model.gain=1.0]
+        lstm: [model=lstm]
+        clip+layernorm: [stabilizer=clip, model.norm=layernorm]
+      scenarios:
+        - explode_high_lr                 # a preset name: runs every remedy of matrix.remedies
+        - name: explode_rnn               # or a mapping, with the scenario's own remedy list
+          remedies: [none, clip, "[warmup,clip]", lstm]
       seeds: [0, 1, 2]
-      overrides: [trainer.deterministic=true]                         # Hydra overrides for every run
-      jobs: 1                                                         # parallel training processes
+      overrides: [trainer.deterministic=true]   # Hydra overrides for every run
+      jobs: 1                                   # parallel training processes
 
-A scenario is a preset name (``experiment=<name>``) or a mapping
-``{name: rnn_pixels, experiment: explode_rnn, overrides: [data.sequence=pixels]}``
-(the runs are then tagged ``scenario=rnn_pixels``). A stabilizer is an option of the
-``stabilizer`` group, a Hydra list string ``"[warmup,clip]"``, or a YAML list ``[warmup, clip]``.
+A remedy named in a list is one of ``matrix.remedies`` or a plain stabilizer value (``clip``,
+``"[warmup,clip]"``: the override ``stabilizer=<value>``); the older ``stabilizers: [...]`` list
+still works and defines such remedies. A scenario is a preset name (``experiment=<name>``) or a
+mapping ``{name: rnn_pixels, experiment: explode_rnn, overrides: [data.sequence=pixels],
+remedies: [...]}`` (the runs are then tagged ``scenario=rnn_pixels``).
+
+Every (scenario, remedy) cell is composed before anything runs (:func:`plan`). A scenario
+that does not compose is an error; a remedy whose overrides do not compose with a scenario
+(``model.residual=true`` on the RNN: its schema has no such key) is *not applicable* there:
+recorded with the composition error as the reason, in ``reports/matrix_runs.json`` and on the
+parent run (``matrix/not_applicable.json``), and shown as such by the report. A remedy whose
+keys no config has at all (a typo) is an error before that (:func:`gradlab.remedies.check_remedy`).
 
 Every run's config is composed with Hydra's compose API from
-``experiment=<scenario> stabilizer=<...> seed=<s> <overrides...>``, nested under the
-matrix's parent run (tag ``matrix=<parent>``) by :mod:`gradlab.runs`, trained and then
-evaluated on the test split with :func:`gradlab.evaluation.evaluate`, both in-process.
-The run ids go to ``reports/matrix_runs.json`` for ``pipelines/compare.py``.
+``experiment=<scenario> <remedy overrides> seed=<s> <overrides...>``, nested under the
+matrix's parent run (tags ``matrix=<parent>``, ``remedy``, ``remedy_kind``) by
+:mod:`gradlab.runs`, trained and then evaluated on the test split with
+:func:`gradlab.evaluation.evaluate`, both in-process. The run ids go to
+``reports/matrix_runs.json`` for ``pipelines/compare.py``.
 
 Why an in-process loop (and not DVC matrix stages or a Hydra multirun)
 ----------------------------------------------------------------------
@@ -54,13 +69,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from .cli import describe_error
 from .config import ConfigError, compose_config
+from .remedies import Remedy, define_all, overrides_list, resolve, stabilizer_remedy
 
 DEFAULT_EXPERIMENT = "gradlab-matrix"
+NONE = stabilizer_remedy("none")
 
 
 # ---------------------------------------------------------------- the matrix definition
@@ -68,76 +86,68 @@ DEFAULT_EXPERIMENT = "gradlab-matrix"
 class Scenario:
     name: str  # the scenario tag the runs get
     overrides: List[str]
+    remedies: Optional[List[Remedy]] = None  # None: every remedy of the matrix
 
 
 @dataclass
 class Combination:
     index: int
     scenario: Scenario
-    stabilizer: str  # the stabilizer=... override value, e.g. clip or [warmup,clip]
+    remedy: Remedy
     seed: int
 
     @property
     def overrides(self) -> List[str]:
-        return [*self.scenario.overrides, f"stabilizer={self.stabilizer}", f"seed={self.seed}"]
+        return [*self.scenario.overrides, *self.remedy.overrides, f"seed={self.seed}"]
 
     def describe(self) -> str:
-        return f"{self.scenario.name} stabilizer={self.stabilizer} seed={self.seed}"
+        return f"{self.scenario.name} remedy={self.remedy.name} seed={self.seed}"
 
 
 @dataclass
 class MatrixSpec:
     experiment: str = DEFAULT_EXPERIMENT
     scenarios: List[Scenario] = field(default_factory=list)
-    stabilizers: List[str] = field(default_factory=lambda: ["none"])
+    remedies: Dict[str, Remedy] = field(default_factory=lambda: {"none": NONE})
     seeds: List[int] = field(default_factory=lambda: [0])
     overrides: List[str] = field(default_factory=list)
     jobs: int = 1
 
-    def combinations(self) -> List[Combination]:
-        out = []
-        for sc in self.scenarios:
-            for st in self.stabilizers:
-                for seed in self.seeds:
-                    out.append(Combination(len(out), sc, st, seed))
-        return out
+    def remedies_of(self, scenario: Scenario) -> List[Remedy]:
+        return list(self.remedies.values()) if scenario.remedies is None else scenario.remedies
+
+    def cells(self) -> List[Tuple[Scenario, Remedy]]:
+        return [(sc, remedy) for sc in self.scenarios for remedy in self.remedies_of(sc)]
+
+    def combinations(self, cells: Optional[Sequence[Tuple[Scenario, Remedy]]] = None) -> List[Combination]:
+        """Every seed of every cell (default: of every cell, applicable or not)."""
+        runs = [(sc, remedy, seed) for sc, remedy in (self.cells() if cells is None else cells) for seed in self.seeds]
+        return [Combination(i, *run) for i, run in enumerate(runs)]
+
+    def resolve(self, names: Sequence[Any], key: str) -> List[Remedy]:
+        return [resolve(n, self.remedies, key) for n in names]
 
 
-def _stabilizer_value(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(str(v).strip() for v in value) + "]"
-    text = str(value).strip()
-    if not text:
-        raise ConfigError("matrix.stabilizers", "empty entry")
-    return text
-
-
-def _scenario(value: Any) -> Scenario:
+def _scenario(value: Any, spec: MatrixSpec) -> Scenario:
     if isinstance(value, str):
         return Scenario(value, [f"experiment={value}"])
-    if isinstance(value, dict) and "name" in value:
-        extra = value.get("overrides") or []
-        if isinstance(extra, str):
-            extra = extra.split()
-        preset = value.get("experiment")
-        base = [f"experiment={preset}"] if preset else []
-        return Scenario(str(value["name"]), [*base, *map(str, extra), f"scenario={value['name']}"])
-    raise ConfigError("matrix.scenarios", f"entry {value!r} is neither a preset name nor "
-                                          "{name: ..., experiment: ..., overrides: [...]}")
-
-
-def _overrides(value: Any, key: str) -> List[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return value.split()
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    raise ConfigError(key, f"expected a list of Hydra overrides, got {value!r}")
+    if not (isinstance(value, dict) and "name" in value):
+        raise ConfigError("matrix.scenarios", f"entry {value!r} is neither a preset name nor "
+                                              "{name: ..., experiment: ..., overrides: [...], remedies: [...]}")
+    name = str(value["name"])
+    unknown = set(value) - {"name", "experiment", "overrides", "remedies"}
+    if unknown:
+        raise ConfigError(f"matrix.scenarios.{name}.{sorted(unknown)[0]}", "unknown key")
+    preset = value.get("experiment", name)  # experiment: null for a scenario made of overrides only
+    base = [f"experiment={preset}"] if preset else []
+    remedies = value.get("remedies")
+    return Scenario(name, [*base, *overrides_list(value.get("overrides"), f"matrix.scenarios.{name}.overrides"),
+                           f"scenario={name}"],
+                    None if remedies is None else spec.resolve(remedies, f"matrix.scenarios.{name}.remedies"))
 
 
 def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
-    known = {"experiment", "scenarios", "stabilizers", "seeds", "overrides", "jobs"}
+    known = {"experiment", "scenarios", "remedies", "stabilizers", "seeds", "overrides", "jobs"}
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"matrix.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(known))})")
@@ -146,16 +156,16 @@ def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
         raise ConfigError("matrix.scenarios", "needs at least one scenario")
     seeds = d.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError("matrix.seeds", f"expected a list of integers, got {d.get('seeds')!r}")
-    stabilizers = d.get("stabilizers") or ["none"]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ConfigError("matrix.seeds", f"expected a list of integers >= 0, got {d.get('seeds')!r}")
     jobs = d.get("jobs", 1) or 1
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError("matrix.jobs", f"must be an integer >= 1, got {jobs!r}")
-    return MatrixSpec(experiment=str(d.get("experiment") or DEFAULT_EXPERIMENT),
-                      scenarios=[_scenario(s) for s in scenarios],
-                      stabilizers=[_stabilizer_value(s) for s in stabilizers],
-                      seeds=seeds, overrides=_overrides(d.get("overrides"), "matrix.overrides"), jobs=jobs)
+    spec = MatrixSpec(experiment=str(d.get("experiment") or DEFAULT_EXPERIMENT),
+                      remedies=define_all(d.get("stabilizers"), d.get("remedies")), seeds=seeds,
+                      overrides=overrides_list(d.get("overrides"), "matrix.overrides"), jobs=jobs)
+    spec.scenarios = [_scenario(s, spec) for s in scenarios]
+    return spec
 
 
 def load_spec(params_file: str | Path = "params.yaml") -> MatrixSpec:
@@ -166,6 +176,46 @@ def load_spec(params_file: str | Path = "params.yaml") -> MatrixSpec:
     if "matrix" not in params:
         raise ConfigError("matrix", f"no 'matrix:' key in {path}")
     return spec_from_dict(params["matrix"] or {})
+
+
+def narrow(spec: MatrixSpec, scenarios: Optional[Sequence[str]] = None,
+           remedies: Optional[Sequence[str]] = None) -> MatrixSpec:
+    """The command line's selection: scenarios by name (one the spec defines keeps its definition
+    and remedy list, any other is a preset name), and the remedies every scenario then runs."""
+    if scenarios:
+        defined = {sc.name: sc for sc in spec.scenarios}
+        spec.scenarios = [defined.get(name) or _scenario(name, spec) for name in scenarios]
+    if remedies:
+        chosen = spec.resolve(remedies, "--remedies")
+        for sc in spec.scenarios:
+            sc.remedies = chosen
+    return spec
+
+
+# ---------------------------------------------------------------- composing every cell first
+def plan(spec: MatrixSpec, log: Callable[[str], None] = lambda m: None) -> Tuple[List[Combination], List[Dict]]:
+    """The runs of every applicable cell, and the cells that are not applicable (with the reason),
+    from composing each cell once before anything runs. The scenario itself (remedy ``none``) must
+    compose: that error is the matrix's, not the remedy's."""
+    applicable, not_applicable = [], []
+    seed = f"seed={spec.seeds[0]}"  # seeds only differ in the seed, which spec_from_dict checked
+    for sc in spec.scenarios:
+        compose_config([*sc.overrides, seed, *spec.overrides])
+        for remedy in spec.remedies_of(sc):
+            try:
+                compose_config([*sc.overrides, *remedy.overrides, seed, *spec.overrides])
+                applicable.append((sc, remedy))
+            except Exception as exc:  # noqa: BLE001 - a config error is this cell's verdict, anything else a bug
+                reason = describe_error(exc)
+                if reason is None:
+                    raise
+                not_applicable.append({"scenario": sc.name, "remedy": remedy.name, "remedy_kind": remedy.kind,
+                                       "overrides": list(remedy.overrides), "reason": reason})
+                log(f"matrix: not applicable: {sc.name} / {remedy.name} ({reason})")
+    used = {r.name for _, r in applicable}
+    for name in dict.fromkeys(c["remedy"] for c in not_applicable if c["remedy"] not in used):
+        log(f"matrix: warning: remedy '{name}' applies to no scenario of this matrix (check its overrides)")
+    return spec.combinations(applicable), not_applicable
 
 
 # ---------------------------------------------------------------- running
@@ -184,12 +234,14 @@ def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, 
 
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    record: Dict[str, Any] = {"index": combo.index, "scenario": combo.scenario.name, "stabilizer": combo.stabilizer,
-                              "seed": combo.seed, "overrides": [*combo.overrides, *spec_overrides]}
+    record: Dict[str, Any] = {"index": combo.index, "scenario": combo.scenario.name, "remedy": combo.remedy.name,
+                              "remedy_kind": combo.remedy.kind, "seed": combo.seed,
+                              "overrides": [*combo.overrides, *spec_overrides]}
     try:
         out_dir = Path(workdir) / f"run{combo.index:03d}"
         cfg, result = train_child([*combo.overrides, *spec_overrides], out_dir, parent_run_id, uri, experiment,
-                                  tags={"matrix": parent_run_id})
+                                  run_name=f"{combo.scenario.name}-{combo.remedy.name}-s{combo.seed}",
+                                  tags={"matrix": parent_run_id, **combo.remedy.tags()})
         record.update(run_id=result.run_id, steps=result.steps, diverged=result.diverged,
                       diverged_at_step=result.diverged_at_step, explosion_step=result.explosion_step,
                       val_accuracy=_finite(result.val_accuracy))
@@ -205,7 +257,7 @@ def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, 
 
 
 def _line(rec: Dict, total: int) -> str:
-    head = f"[{rec['index'] + 1}/{total}] {rec['scenario']} stabilizer={rec['stabilizer']} seed={rec['seed']}:"
+    head = f"[{rec['index'] + 1}/{total}] {rec['scenario']} remedy={rec['remedy']} seed={rec['seed']}:"
     if rec["status"] != "FINISHED":
         return f"{head} FAILED ({rec.get('error')})"
     state = f"diverged at step {rec['diverged_at_step']}" if rec["diverged"] else f"{rec['steps']} steps"
@@ -214,47 +266,64 @@ def _line(rec: Dict, total: int) -> str:
         f"{head} {state}, test accuracy n/a ({rec['wall_seconds']:.1f}s)"
 
 
+def _parent_params(spec: MatrixSpec, combos: List[Combination], jobs: int) -> Dict[str, str]:
+    used = {r.name: list(r.overrides) for _, r in spec.cells()}
+    return {"scenarios": json.dumps([s.name for s in spec.scenarios]), "remedies": json.dumps(used),
+            "cells": json.dumps({sc.name: [r.name for r in spec.remedies_of(sc)] for sc in spec.scenarios}),
+            "seeds": json.dumps(spec.seeds), "overrides": json.dumps(spec.overrides), "jobs": str(jobs),
+            "n_runs": str(len(combos))}
+
+
+def _log_not_applicable(parent, cells: List[Dict]) -> None:
+    """On the parent run, so a report selected by --parent shows them too."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "not_applicable.json"
+        path.write_text(json.dumps(cells, indent=2) + "\n")
+        parent.logger.log_artifact(path, "matrix")
+
+
+def _train_all(combos: List[Combination], args: tuple, jobs: int, log: Callable[[str], None]) -> List[Dict]:
+    records: List[Dict] = []
+    if jobs == 1:
+        for combo in combos:
+            records.append(run_one(combo, *args))
+            log(_line(records[-1], len(combos)))
+        return records
+    from joblib import Parallel, delayed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    for rec in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
+            delayed(run_one)(c, *args, threads) for c in combos):
+        records.append(rec)
+        log(_line(rec, len(combos)))
+    return sorted(records, key=lambda r: r["index"])
+
+
 def run_matrix(spec: MatrixSpec, out_file: str | Path = "reports/matrix_runs.json", uri: Optional[str] = None,
                jobs: Optional[int] = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Dict:
-    """Run every combination under one parent run; write and return the run list."""
+    """Run every applicable combination under one parent run; write and return the run list."""
     from .runs import ParentRun
 
-    combos = spec.combinations()
-    # fail on a bad definition before anything runs (and before any MLflow run exists)
-    for combo in combos:
-        compose_config([*combo.overrides, *spec.overrides])
+    combos, not_applicable = plan(spec, log)  # a bad definition fails here, before any MLflow run exists
     jobs = max(1, jobs or spec.jobs)
-    params = {"scenarios": json.dumps([s.name for s in spec.scenarios]), "stabilizers": json.dumps(spec.stabilizers),
-              "seeds": json.dumps(spec.seeds), "overrides": json.dumps(spec.overrides), "jobs": str(jobs),
-              "n_runs": str(len(combos))}
-    with ParentRun(uri, spec.experiment, f"matrix-{time.strftime('%Y%m%d-%H%M%S')}", "matrix", params) as parent:
-        log(f"matrix: {len(combos)} runs ({len(spec.scenarios)} scenarios x {len(spec.stabilizers)} stabilizers x "
-            f"{len(spec.seeds)} seeds), parent run {parent.run_id} in experiment '{spec.experiment}', {parent.uri}")
+    with ParentRun(uri, spec.experiment, f"matrix-{time.strftime('%Y%m%d-%H%M%S')}", "matrix",
+                   _parent_params(spec, combos, jobs)) as parent:
+        _log_not_applicable(parent, not_applicable)
+        log(f"matrix: {len(combos)} runs ({len(spec.scenarios)} scenarios, {len(spec.cells())} scenario x remedy "
+            f"cells of which {len(not_applicable)} not applicable, {len(spec.seeds)} seeds), parent run "
+            f"{parent.run_id} in experiment '{spec.experiment}', {parent.uri}")
         t0 = time.perf_counter()
-        records: List[Dict] = []
         with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
-            args = (spec.overrides, spec.experiment, parent.run_id, parent.uri, workdir)
-            if jobs == 1:
-                for combo in combos:
-                    records.append(run_one(combo, *args))
-                    log(_line(records[-1], len(combos)))
-            else:
-                from joblib import Parallel, delayed
-
-                threads = max(1, (os.cpu_count() or 1) // jobs)
-                for rec in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
-                        delayed(run_one)(c, *args, threads) for c in combos):
-                    records.append(rec)
-                    log(_line(rec, len(combos)))
-        records.sort(key=lambda r: r["index"])
+            records = _train_all(combos, (spec.overrides, spec.experiment, parent.run_id, parent.uri, workdir), jobs, log)
         failed = [r for r in records if r["status"] != "FINISHED"]
         wall = time.perf_counter() - t0
         parent.logger.log_metrics({"runs/finished": len(records) - len(failed), "runs/failed": len(failed),
                                    "runs/diverged": sum(bool(r.get("diverged")) for r in records),
-                                   "time/matrix_s": wall}, step=0, timestamp_ms=int(time.time() * 1000))
+                                   "cells/not_applicable": len(not_applicable), "time/matrix_s": wall},
+                                  step=0, timestamp_ms=int(time.time() * 1000))
         result = {"parent_run_id": parent.run_id, "experiment": spec.experiment, "tracking_uri": parent.uri,
                   "run_ids": [r["run_id"] for r in records if r.get("run_id") and r["status"] == "FINISHED"],
-                  "failed": failed, "wall_seconds": round(wall, 1), "runs": records}
+                  "failed": failed, "not_applicable": not_applicable, "wall_seconds": round(wall, 1), "runs": records}
         out = Path(out_file)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -7,6 +7,8 @@ A search space is a list of ``--param`` specs, each ``KEY=KIND:ARGS``::
     model.depth=int:4:24                   integer, both ends included
     optimizer=choice:sgd,adam              any Hydra value; a config group picks an option file,
     stabilizer=choice:none,clip,[warmup,clip]   and commas inside [...] belong to the value
+    remedy=choice:clip,he_init,layernorm   named remedies (gradlab.remedies): each applies its own
+                                           overrides, as defined in params.yaml's matrix.remedies
 
 Each trial composes ``conf/`` with the fixed overrides plus the sampled values (Hydra's
 compose API, as :mod:`gradlab.matrix` does), trains in-process as an MLflow child run of
@@ -31,16 +33,18 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .cli import describe_error
-from .config import compose_config
+from .config import ConfigError, compose_config
+from .remedies import Remedy, resolve
 
 SAMPLERS = ("tpe", "random")
 KINDS = ("uniform", "loguniform", "int", "choice")
 DEFAULT_EXPERIMENT = "gradlab-search"
+REMEDY = "remedy"  # the --param key that samples named remedies
 
 
 class SearchSpecError(ValueError):
@@ -56,6 +60,7 @@ class Param:
     high: float = 0.0
     choices: tuple = ()
     text: str = ""  # as given on the command line, for messages
+    remedies: tuple = ()  # key remedy: the Remedy of each choice
 
     def suggest(self, trial) -> Any:
         if self.kind == "choice":
@@ -74,8 +79,17 @@ class Param:
             return IntDistribution(int(self.low), int(self.high))
         return FloatDistribution(self.low, self.high, log=self.kind == "loguniform")
 
-    def override(self, value: Any) -> str:
-        return f"{self.key}={value!r}" if isinstance(value, float) else f"{self.key}={value}"
+    def overrides(self, value: Any) -> List[str]:
+        """The Hydra overrides of a sampled value: a remedy's own, else ``key=value``."""
+        if self.remedies:
+            return list(self.remedy(value).overrides)
+        return [f"{self.key}={value!r}" if isinstance(value, float) else f"{self.key}={value}"]
+
+    def remedy(self, name: str) -> Remedy:
+        return next(r for r in self.remedies if r.name == name)
+
+    def describe(self, value: Any) -> str:
+        return f"{self.key}={value}: {' '.join(self.overrides(value))}" if self.remedies else self.overrides(value)[0]
 
     def extremes(self) -> List[Any]:
         """Values that exercise the whole range: composing each one checks the spec before any run."""
@@ -130,10 +144,22 @@ def parse_param(text: str) -> Param:
     return Param(key, kind, low, high, text=text)
 
 
-def parse_space(texts: Sequence[str]) -> List[Param]:
+def with_remedies(p: Param, defined: Dict[str, Remedy]) -> Param:
+    """``remedy=choice:...``: each choice resolved to a remedy of ``defined`` or a stabilizer value."""
+    if p.kind != "choice":
+        raise SearchSpecError(f"bad --param '{p.text}': remedies are sampled by name: remedy=choice:a,b")
+    try:
+        return replace(p, remedies=tuple(resolve(c, defined, "remedy") for c in p.choices))
+    except ConfigError as exc:
+        raise SearchSpecError(f"bad --param '{p.text}': {exc.message}") from None
+
+
+def parse_space(texts: Sequence[str], remedies: Optional[Dict[str, Remedy]] = None) -> List[Param]:
+    """The --param specs; ``remedies`` are the named remedies ``remedy=choice:...`` may pick from."""
     if not texts:
         raise SearchSpecError("no --param given: nothing to search over")
     params = [parse_param(t) for t in texts]
+    params = [with_remedies(p, remedies or {}) if p.key == REMEDY else p for p in params]
     seen = set()
     for p in params:
         if p.key in seen:
@@ -151,13 +177,13 @@ def check_space(params: Sequence[Param], fixed: Sequence[str]) -> None:
     for p in params:
         for value in p.extremes():
             try:
-                compose_config([*base, p.override(value)])
+                compose_config([*base, *p.overrides(value)])
             except Exception as exc:  # noqa: BLE001 - reported as this --param's error, or re-raised
                 line = describe_error(exc)
                 if line is None:
                     raise
-                raise SearchSpecError(f"bad --param '{p.text}': {line} (with {p.override(value)})") from None
-        base.append(p.override(p.extremes()[0]))
+                raise SearchSpecError(f"bad --param '{p.text}': {line} (with {p.describe(value)})") from None
+        base += p.overrides(p.extremes()[0])
 
 
 # ---------------------------------------------------------------- running
@@ -243,8 +269,10 @@ def run_trial(trial, spec: SearchSpec, parent, workdir: Path, study_name: str) -
     t0 = time.perf_counter()
     values = {p.key: p.suggest(trial) for p in spec.params}
     out_dir = workdir / f"trial{trial.number:04d}"
-    cfg, result = parent.child([*spec.fixed, *(p.override(values[p.key]) for p in spec.params)], out_dir,
-                               run_name=f"{study_name}-t{trial.number}", tags={"study": study_name, "trial": trial.number})
+    overrides = [o for p in spec.params for o in p.overrides(values[p.key])]
+    remedy = {k: v for p in spec.params if p.remedies for k, v in p.remedy(values[p.key]).tags().items()}
+    cfg, result = parent.child([*spec.fixed, *overrides], out_dir, run_name=f"{study_name}-t{trial.number}",
+                               tags={"study": study_name, "trial": trial.number, **remedy})
     uri = parent.uri
     if spec.metric.startswith("test/") and not result.diverged:
         from .evaluation import evaluate

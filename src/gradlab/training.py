@@ -186,7 +186,8 @@ class Trainer:
         uri = tracking_uri(cfg.tracking.uri)
         same = resumed is not None and run_is_open(uri, resumed["run_id"])
         run = RunLogger.start(uri, cfg.tracking.experiment, run_name(cfg), self.tags(), cfg.tracking.parent_run_id,
-                              resumed["run_id"] if same else None, unique_name=not cfg.tracking.run_name)
+                              resumed["run_id"] if same else None,
+                              unique_name=not cfg.tracking.run_name or bool(cfg.tracking.parent_run_id))
         self.run_id = run.run_id
         if same:
             run.skip_logged()
@@ -314,7 +315,8 @@ class Trainer:
 
     def summary(self, explosion: Explosion) -> tuple[dict, dict]:
         metrics, tags = record.summary(self.history, self.divergence.step, self.train_seconds, explosion)
-        metrics.update({"final/val_accuracy": self.last_val[1], "final/val_loss": self.last_val[0]})
+        metrics.update({"final/val_accuracy": self.last_val[1], "final/val_loss": self.last_val[0],
+                        "model/parameters": float(sum(p.numel() for p in self.engine.model.parameters()))})
         tags["outcome"] = self.outcome()
         return metrics, tags
 
