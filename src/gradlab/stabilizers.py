@@ -132,6 +132,7 @@ class Stabilizer:
     ``@STABILIZERS.register(name, Config, order=...)``; its ``name`` is set from there."""
 
     name = "base"
+    bounds_update = False  # whether every update's size is bounded from the first step (gradlab.preflight)
 
     def __init__(self, params: List[nn.Parameter], names: List[str], device: torch.device):
         self.params, self.names, self.device = params, names, device
@@ -167,6 +168,8 @@ class ClipConfig(Schema):
 @STABILIZERS.register("clip", ClipConfig, order=40)
 class ClipNorm(Stabilizer):
     """Global-norm clipping, exactly torch.nn.utils.clip_grad_norm_ (any p, inf included)."""
+
+    bounds_update = True
 
     def __init__(self, params, names, device, max_norm: float, norm_type: float):
         super().__init__(params, names, device)
@@ -214,6 +217,8 @@ class AGCConfig(Schema):
 class AGC(Stabilizer):
     """Adaptive gradient clipping (Brock et al. 2021): per output unit,
     G_i <- G_i * max_i / max(||G_i||, 1e-6) when ||G_i|| > max_i = clipping * max(||W_i||, eps)."""
+
+    bounds_update = True  # relative to each unit's weights (the excluded head is not bounded)
 
     def __init__(self, params, names, device, clipping: float, eps: float, exclude: List[str]):
         super().__init__(params, names, device)
@@ -304,6 +309,7 @@ class ZClip(Stabilizer):
         super().__init__(params, names, device)
         self.warmup_steps, self.alpha, self.z_thresh, self.mode = int(warmup_steps), float(alpha), float(z_thresh), mode
         self.max_grad_norm = float("inf") if max_grad_norm is None else float(max_grad_norm)
+        self.bounds_update = max_grad_norm is not None  # the hard cap applies from the first step
         self.warmup = RingBuffer(max(self.warmup_steps, 1), device)
         self.mean = torch.zeros((), device=device)
         self.var = torch.zeros((), device=device)

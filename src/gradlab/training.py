@@ -31,6 +31,8 @@ from .errors import ConfigError
 from .data import DeviceData, EpochOrder, load_splits
 from .engine import StepEngine
 from .evaluation import evaluate_split
+from .foresight import Foresight
+from .forensics import Snapshots, find_bad_step, investigate
 from .models import build_model
 from .stabilizers import stabilizer_label
 from .resume import BUDGET_KEYS, HOW_KEYS, resume_config, resume_key
@@ -69,6 +71,7 @@ class TrainResult:
     explosion_first_layer: Optional[str]
     val_accuracy: float
     seconds_per_step: float
+    warning_step: Optional[int] = None
 
 
 class StopSignal:
@@ -110,11 +113,12 @@ class Trainer:
         self.train_data = DeviceData(splits["train_x"], splits["train_y"], self.device)
         self.val_data = DeviceData(splits["val_x"], splits["val_y"], self.device)
         self.order = EpochOrder(cfg.seed, len(self.train_data), cfg.trainer.batch_size)
-        per_epoch = self.order.batches_per_epoch
-        self.total_steps = min(cfg.trainer.epochs * per_epoch, cfg.trainer.max_steps or math.inf)
+        self.total_steps = self.order.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
         model = build_model(cfg.model, cfg.data).to(self.device)
-        self.engine = StepEngine(cfg, model, self.device, self.total_steps, per_epoch)
+        self.engine = StepEngine(cfg, model, self.device, self.total_steps, self.order.batches_per_epoch)
         self.divergence = DivergenceWatch(MAX_CONSECUTIVE_SKIPS)
+        self.foresight = Foresight(cfg, self.engine)
+        self.snapshots = Snapshots(cfg.forensics.snapshot_every, cfg.forensics.keep)
         self.checkpoint_path = Path(cfg.trainer.checkpoint or self.output_dir / "model.pt").resolve()
         self.last_checkpoint = 0  # step of the latest crash-safety checkpoint
         self.train_seconds = 0.0
@@ -139,10 +143,15 @@ class Trainer:
         t0 = time.perf_counter()
         with StopSignal() as stop:
             try:
+                if self.cfg.trainer.preflight and self.engine.step_count == 0:
+                    self.preflight(run)
+                if self.snapshots.due(self.engine.step_count):
+                    self.snapshots.take(self.engine, self.order)
                 while not self.done:
                     for x, y in self.order.batches(self.train_data):
+                        measured = self.foresight.before_step(self.engine.step_count, x, y)
                         self.engine.step(x, y)
-                        if self.engine.recorder.full:
+                        if self.engine.recorder.full or measured:  # a measurement is read at once
                             self.flush(run)
                         if self.done or stop.signum:
                             break
@@ -190,7 +199,7 @@ class Trainer:
         else:
             run.log_params(flatten(cfg))
         if resumed is not None:
-            run.log_points(self.history.points() + self.history.epoch_points, now_ms())
+            run.log_points(self.history.points() + self.history.epoch_points + self.history.sparse, now_ms())
             run.set_tags(self.resume_tags(same))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -225,11 +234,16 @@ class Trainer:
             if at is not None:
                 points = [p for p in points if p[2] <= at]
                 h.truncate(at)
-        run.log_points(points, now_ms())
+        gauge_points, warning = self.foresight.flush(h, self.divergence.step)
+        if warning is not None:
+            run.set_tags(warning.tags())
+        run.log_points(points + gauge_points, now_ms())
         if h.steps:
             self.bar.update(h.steps[-1] + 1 - self.bar.n)
             self.bar.set_postfix(epoch=self.order.epoch, loss=f"{h.column('train/loss')[-1]:.4g}",
                                  grad=f"{h.column('grad/norm')[-1]:.3g}")
+        if self.divergence.step is None and self.snapshots.due(self.engine.step_count):
+            self.snapshots.take(self.engine, self.order)
         every = self.cfg.trainer.checkpoint_every
         if checkpoint and every and self.divergence.step is None and \
                 self.engine.step_count - self.last_checkpoint >= every and not self.done:
@@ -241,6 +255,14 @@ class Trainer:
         self.save(self.checkpoint_path)
         self.last_checkpoint = self.engine.step_count
         run.heartbeat()
+
+    def preflight(self, run: RunLogger) -> None:
+        """``trainer.preflight=true``: the preflight report before the first update, into this run."""
+        from .preflight import log_report, preflight
+
+        report = preflight(self)
+        log(report.table())
+        log_report(run, report, self.output_dir)
 
     def validate(self, run: RunLogger) -> list:
         """Validation points (and this epoch's training accuracy), logged at the current step."""
@@ -277,9 +299,13 @@ class Trainer:
         if cfg.telemetry.plots and h.steps:
             for path in self.plot(run.run_id, explosion):
                 run.log_artifact(path, "plots")
+        if cfg.forensics.investigate:
+            self.investigate(run, explosion)
         run.close("FINISHED")
+        warning = self.foresight.watch.warning
         return TrainResult(run.run_id, run.client.tracking_uri, ckpt, len(h.steps), at is not None, at,
-                           explosion.step, explosion.first_layer, self.last_val[1], summary["time/step_ms"] / 1000)
+                           explosion.step, explosion.first_layer, self.last_val[1], summary["time/step_ms"] / 1000,
+                           warning.step if warning else None)
 
     def summary(self, explosion: Explosion) -> tuple[dict, dict]:
         h, at = self.history, self.divergence.step
@@ -291,7 +317,11 @@ class Trainer:
                    "time/step_ms": 1000 * self.train_seconds / max(steps, 1),
                    "grad/norm_max": float(finite.max()) if finite.size else (math.nan if steps else 0.0),
                    "final/val_accuracy": self.last_val[1], "final/val_loss": self.last_val[0]}
-        tags = {"diverged": str(at is not None).lower(), "exploding": str(explosion.step is not None).lower()}
+        warning = self.foresight.watch.warning
+        tags = {"diverged": str(at is not None).lower(), "exploding": str(explosion.step is not None).lower(),
+                "warned": str(warning is not None).lower()}
+        if warning is not None:
+            metrics["warning/step"] = float(warning.step)
         if at is not None:
             metrics["diverged_at_step"] = float(at)
         if explosion.step is not None:
@@ -312,13 +342,42 @@ class Trainer:
                                    self.output_dir / "grad_norm.png", clip.max_norm if clip is not None else None,
                                    explosion.step, self.divergence.step, title)]
 
+    def investigate(self, run: RunLogger, explosion: Explosion) -> None:
+        """Forensics of the bad step (gradlab.forensics), from the last snapshot before it: tags
+        ``nonfinite/*`` and ``forensics/*``, artifacts under ``forensics/``, and the snapshot file that
+        ``src/forensics.py`` starts from. A failure here is reported on the run, never loses it."""
+        bad = find_bad_step(self.history, self.divergence.step, explosion.step)
+        snap = self.snapshots.before(bad.step) if bad is not None else None
+        if bad is None:
+            return
+        if snap is None:
+            run.set_tags({"forensics/skipped": f"no snapshot at or before step {bad.step} (forensics.keep)"})
+            return
+        out = self.output_dir / "forensics"
+        try:
+            snapshot_file = self.save(out / "snapshot.pt", snap, bad.to_dict())
+            found = investigate(self.cfg, snap, self.history, bad, self.train_data, self.device, out,
+                                self.cfg.forensics.top_k, run_name(self.cfg))
+        except Exception as exc:  # noqa: BLE001 - the run's record matters more than its forensics
+            log(f"gradlab: forensics failed: {type(exc).__name__}: {exc}")
+            run.set_tags({"forensics/error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            return
+        log(f"gradlab: forensics: {found.summary()}")
+        run.set_tags({**found.tags(), "forensics/snapshot": str(snapshot_file.resolve())})
+        for path in [snapshot_file, *found.artifacts]:
+            run.log_artifact(path, "forensics")
+
     # ------------------------------------------------------------ checkpoints
-    def save(self, path: Path) -> Path:
+    def save(self, path: Path, snapshot: Optional[dict] = None, bad: Optional[dict] = None) -> Path:
+        """The checkpoint; with ``snapshot`` (gradlab.forensics), the same file for that earlier state."""
+        engine = snapshot["engine"] if snapshot else self.engine.state_dict()
+        order = snapshot["order"] if snapshot else self.order.state_dict()
         return checkpoint.save(path, {
-            "config": OmegaConf.to_container(self.cfg, resolve=True), "engine": self.engine.state_dict(),
-            "order": self.order.state_dict(), "history": self.history.state_dict(), "step": len(self.history.steps),
+            "config": OmegaConf.to_container(self.cfg, resolve=True), "engine": engine, "forensics": bad,
+            "order": order, "history": self.history.state_dict(), "step": len(self.history.steps),
             "train_seconds": self.train_seconds, "run_id": self.run_id, "tracking_uri": tracking_uri(self.cfg.tracking.uri),
             "data_checksum": self.data_checksum, "diverged_at_step": self.divergence.step,
+            "foresight": self.foresight.state_dict(),
             "resume_count": self.resumed["count"] if self.resumed else 0})
 
     def load(self, path: str) -> None:
@@ -333,6 +392,8 @@ class Trainer:
                                                 f"({str(exc).splitlines()[0][:200]})") from None
         self.order.load_state_dict(state["order"])
         self.history.load_state_dict(state["history"])
+        if "foresight" in state:
+            self.foresight.load_state_dict(state["foresight"])
         self.train_seconds = state["train_seconds"]
         self.last_checkpoint = self.engine.step_count
         self.resumed = {"run_id": state["run_id"], "step": self.engine.step_count, "config": state["config"],
