@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import numpy as np  # noqa: E402
+
 from gradlab.foresight import HEALTHY_SUITE  # noqa: E402
 
 PINNED = ["trainer.deterministic=true", "trainer.threads=1", "trainer.progress=false", "telemetry.plots=false"]
@@ -61,7 +63,14 @@ def train_all(configs, seeds, dump):
                 r = trainer.fit()
                 w = trainer.foresight.watch.warning
                 ratios = [v for k, v, _ in trainer.history.sparse if k == "sharpness/stability_ratio"]
+                tags = parent_client(parent).get_run(r.run_id).data.tags
+                later = later_warning(trainer)
                 rows.append({"config": " ".join(overrides), "seed": seed, "steps": r.steps,
+                             "later_warning": later.step if later else None,
+                             "first_tensor": tags.get("nonfinite/first_tensor", ""),
+                             "nonfinite_kind": tags.get("nonfinite/kind", ""),
+                             "finite_with": tags.get("forensics/finite_with", ""),
+                             "replay_exact": tags.get("forensics/replay_exact", ""),
                              "diverged_at": r.diverged_at_step, "explosion": r.explosion_step,
                              "warning": w.step if w else None, "reason": w.reason if w else "",
                              "layer": w.layer if w else "", "val_accuracy": r.val_accuracy,
@@ -75,16 +84,38 @@ def train_all(configs, seeds, dump):
     return rows
 
 
+def parent_client(parent):
+    return parent.logger.client
+
+
+def later_warning(trainer):
+    """The warning this run would have had without its step-0 measurement: what the in-training
+    signals alone see (the gauge's later measurements, the loss)."""
+    from gradlab.foresight import WarningWatch
+    from gradlab.preflight import bounded_by
+
+    h = trainer.history
+    lam = {s: v for k, v, s in h.sparse if k == "sharpness/lambda_max"}
+    later = [(s, lam[s] / v, np.array([lam[s], v, np.nan])) for k, v, s in h.sparse
+             if k == "sharpness/stability_ratio" and s > 0]
+    watch = WarningWatch(trainer.cfg, trainer.engine.recorder.layers, bounded_by(trainer.engine.stack))
+    return watch.update(h, later)
+
+
 def lead_table(seeds, dump) -> None:
     rows = train_all([[f"experiment={p}"] for p in PRESETS], seeds, dump)
-    print("| scenario | seed | warning step | first NaN step | lead (share of steps to divergence) | explosion flag | reason |")
-    print("|---|---|---|---|---|---|---|")
+    print("| scenario | seed | warning step | first NaN step | lead (share of steps to divergence) | explosion flag | "
+          "reason | without the step-0 gauge | first non-finite tensor | counterfactual: finite with |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     leads = {}
     for r in rows:
         d, w = r["diverged_at"], r["warning"]
         lead = (d - w) / d if d and w is not None and w <= d else (1.0 if d == 0 and w == 0 else 0.0)
         leads.setdefault(r["config"], []).append(lead)
-        print(f"| {r['config']} | {r['seed']} | {w} | {d} | {lead:.0%} | {r['explosion']} | {r['reason']} |")
+        lw = r["later_warning"]
+        later = f"{lw} ({(d - lw) / d:.0%})" if lw is not None and d else "none"
+        print(f"| {r['config']} | {r['seed']} | {w} | {d} | {lead:.0%} | {r['explosion']} | {r['reason']} | {later} | "
+              f"{r['first_tensor']} ({r['nonfinite_kind']}) | {r['finite_with']} |")
     for config, values in leads.items():
         print(f"\n{config}: median lead {statistics.median(values):.0%} over {len(values)} seeds")
 

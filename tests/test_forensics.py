@@ -2,8 +2,8 @@
 attribution, the counterfactual table, and src/forensics.py after the fact."""
 from __future__ import annotations
 
+import contextlib
 import csv
-import os
 
 import numpy as np
 import pytest
@@ -100,13 +100,8 @@ def test_per_sample_norms_match_a_loop_over_samples(tmp_path, model):
 @pytest.fixture(scope="module")
 def diverged(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("diverged")
-    cwd = os.getcwd()
-    os.chdir(tmp)
-    try:
-        r = train(tiny_cfg(tmp, *DIVERGING, steps=20), tmp / "out")
-    finally:
-        os.chdir(cwd)
-    return r, tmp
+    with contextlib.chdir(tmp):  # module-scoped: the autouse chdir fixture is function-scoped
+        return train(tiny_cfg(tmp, *DIVERGING, steps=20), tmp / "out"), tmp
 
 
 def test_diverged_run_names_the_first_nonfinite_tensor(diverged):
@@ -171,3 +166,21 @@ def test_healthy_run_has_no_forensics(tmp_path):
     r = train(tiny_cfg(tmp_path), tmp_path / "out")
     tags = client(r.tracking_uri).get_run(r.run_id).data.tags
     assert not any(k.startswith(("forensics/", "nonfinite/")) for k in tags)
+
+
+def test_a_norm_that_overflowed_with_every_tensor_finite_names_the_largest_gradient():
+    from types import SimpleNamespace
+
+    from gradlab.forensics import Replay, overflowed_norm
+
+    h = History(layers=["a", "b"])
+    rows = np.ones((3, len(STEP_KEYS)))
+    rows[2, STEP_KEYS.index("grad/norm")] = np.inf  # sqrt(sum of squares) past float32's range
+    h.steps, h.rows = [0, 1, 2], [rows]
+    probe = SimpleNamespace(first=None, rows=[(2, "a.weight", "parameter gradient", 1e18, 3e19, True),
+                                              (2, "b.weight", "parameter gradient", 1e19, 9e19, True),
+                                              (1, "b.weight", "parameter gradient", 1.0, 1.0, True)])
+    rep = Replay(0, {}, {}, h, probe)
+    assert overflowed_norm(rep) == (2, "b.weight", "gradient norm overflow (every tensor finite)")
+    h.rows = [np.ones((3, len(STEP_KEYS)))]
+    assert overflowed_norm(rep) is None

@@ -151,18 +151,30 @@ def watch(overrides=(), bound=None, layers=("a", "b")):
     return WarningWatch(compose(["data=synthetic", *overrides]), list(layers), bound)
 
 
-def test_stability_warning_names_the_layer_carrying_the_eigenvector():
+UNSTABLE_ROW = np.array([2.2, 1.1, math.nan, 0.2, 0.8])  # lambda, ratio, growth, layer shares
+
+
+def test_stability_warning_at_initialization_names_the_layer_carrying_the_eigenvector():
+    assert watch(["optimizer=sgd"]).from_gauge(0, 2.0, np.array([1.9, 0.95, math.nan, 0.7, 0.3])) is None
+    hit = watch(["optimizer=sgd"]).from_gauge(0, 2.0, UNSTABLE_ROW)
+    assert hit.step == 0 and hit.layer == "b" and "stability ratio 1.1 >= 1 at initialization" in hit.reason
+
+
+def test_stability_warning_later_needs_two_measurements_in_a_row():
     w = watch(["optimizer=sgd"])
-    assert w.from_gauge(0, 2.0, np.array([1.9, 0.95, math.nan, 0.7, 0.3])) is None
-    hit = w.from_gauge(10, 2.0, np.array([2.2, 1.1, math.nan, 0.2, 0.8]))
-    assert hit.step == 10 and hit.layer == "b" and "stability ratio 1.1" in hit.reason
-    assert w.from_gauge(20, 2.0, np.full(5, math.nan)).step == 20  # the measurement itself blew up
+    below = np.array([1.0, 0.5, math.nan, 0.5, 0.5])
+    assert [w.from_gauge(s, 2.0, r) for s, r in ((0, below), (10, UNSTABLE_ROW), (20, below))] == [None] * 3
+    assert w.from_gauge(30, 2.0, UNSTABLE_ROW) is None
+    hit = w.from_gauge(40, 2.0, np.full(5, math.nan))  # NaN: the measurement itself blew up
+    assert hit.step == 40 and "two measurements in a row" in hit.reason and hit.layer == "n/a"
+    again = watch(["optimizer=sgd"])
+    again.load_state_dict(w.state_dict())  # the run of measurements above survives a resume
+    assert again.from_gauge(50, 2.0, UNSTABLE_ROW) is not None
 
 
 def test_no_stability_warning_under_a_bound_or_with_adam():
-    unstable = np.array([2.2, 1.1, math.nan, 0.2, 0.8])
-    assert watch(["optimizer=sgd"], bound="clip").from_gauge(0, 2.0, unstable) is None
-    assert watch(["optimizer=adam"]).from_gauge(0, 2.0, unstable) is None
+    assert watch(["optimizer=sgd"], bound="clip").from_gauge(0, 2.0, UNSTABLE_ROW) is None
+    assert watch(["optimizer=adam"]).from_gauge(0, 2.0, UNSTABLE_ROW) is None
 
 
 def loss_history(losses) -> History:
@@ -223,3 +235,10 @@ def test_preflight_on_the_presets(tmp_path, preset, expected):
     alone = preflight(Trainer(compose_config([f"experiment={preset}", *common]), tmp_path / "a"))
     rescued = preflight(Trainer(compose_config([f"experiment={preset}", "stabilizer=clip", *common]), tmp_path / "b"))
     assert alone.verdict == expected and rescued.verdict == OK
+
+
+def test_loss_warning_on_a_nan_row_names_no_layer_it_cannot_know():
+    h = loss_history([2.3] * 10 + [math.nan])
+    h.layer_grad[0][-1] = math.nan  # the diverged step: every layer's norm is NaN
+    hit = watch(["optimizer=adam"]).from_loss(h)
+    assert hit.step == 10 and hit.layer == "n/a"

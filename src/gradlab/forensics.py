@@ -215,6 +215,18 @@ def replay(cfg, snapshot: dict, data, history: History, until: int, keep: List[i
     return Replay(snapshot["step"], states, batches, engine.recorder.history, probe)
 
 
+def overflowed_norm(rep: Replay) -> Optional[tuple]:
+    """When every tensor stayed finite but a step's recorded gradient norm did not, the norm itself
+    overflowed: float32 squares of gradients past ~1.8e19 exceed its range. Names the parameter with
+    the largest gradient at that step (step, tensor, kind), else None."""
+    rows = np.concatenate(rep.history.rows) if rep.history.rows else np.zeros((0, len(STEP_KEYS)))
+    bad = [s for s, row in zip(rep.history.steps, rows) if not np.isfinite(row[STEP_KEYS.index("grad/norm")])]
+    grads = [r for r in rep.probe.rows if bad and r[0] == bad[0] and r[2] == "parameter gradient"]
+    if not grads:
+        return None
+    return bad[0], max(grads, key=lambda r: r[4])[1], "gradient norm overflow (every tensor finite)"
+
+
 def replay_matches(recorded: History, replayed: History) -> bool:
     """Whether every replayed step's loss and gradient norm equal the recorded ones exactly."""
     rec = dict(zip(recorded.steps, np.concatenate(recorded.rows))) if recorded.rows else {}
@@ -406,7 +418,8 @@ def investigate(cfg, snapshot: dict, history: History, bad: BadStep, data, devic
     stats = [{"step": s, "tensor": n, "kind": k, "rms": rms, "max_abs": top, "finite": fin}
              for s, n, k, rms, top, fin in rep.probe.rows]
     rows = counterfactual(cfg, rep.states[bad.step], bad.step, rep.batches, history, device, len(data))
-    findings = Findings(bad, snapshot["step"], rep.probe.first, replay_matches(history, rep.history), rows)
+    first = rep.probe.first or overflowed_norm(rep)
+    findings = Findings(bad, snapshot["step"], first, replay_matches(history, rep.history), rows)
     findings.artifacts += [write_csv(out_dir / "layer_stats.csv", stats), write_csv(out_dir / "counterfactual.csv", rows)]
     (out_dir / "counterfactual.md").write_text(counterfactual_markdown(rows, bad))
     findings.artifacts.append(out_dir / "counterfactual.md")

@@ -11,7 +11,10 @@ next update).
 The warning (``WarningWatch``) fires once, at the first step where a signal predicts a
 divergence (README, "Foresight", has the measurements behind each threshold):
 
-* ``stability``: the stability ratio lambda_max / limit >= ``telemetry.warn_ratio``;
+* ``stability``: the stability ratio lambda_max / limit >= ``telemetry.warn_ratio`` at initialization
+  (step 0: nothing has had time to self-stabilize; at a ratio of 0.8 SGD already diverged), or at two
+  measurements in a row later on (at the edge of stability a healthy SGD run can cross the limit once
+  and recover: one of 8 measured did, at 9.65);
 * ``loss``: the training loss (median of the last ``LOSS_WINDOW`` steps) climbed to
   ``telemetry.warn_loss`` x the loss of the first steps: the updates go uphill.
 
@@ -110,16 +113,24 @@ class WarningWatch:
         self.runaway_possible = bound is None and not sharpness.preconditioned(cfg.optimizer)
         self.layers = layers
         self.warning: Optional[Warning] = None
+        self.above = False  # whether the previous measurement was at or above the limit
+
+    def largest(self, values: np.ndarray) -> str:
+        """The layer with the largest value (+inf counts; NaN does not); n/a when none is a number."""
+        values = np.where(np.isnan(values), -np.inf, values)
+        return self.layers[int(np.argmax(values))] if len(values) and (values > -np.inf).any() else "n/a"
 
     def from_gauge(self, step: int, limit: float, row: np.ndarray) -> Optional[Warning]:
+        """At initialization one measurement at or above the limit; later, two in a row (at the edge of
+        stability a run crosses it and recovers: README, "Foresight"). Measurements come in order."""
         lam, ratio, shares = row[0], row[1], row[3:]
-        layer = self.layers[int(np.nanargmax(shares))] if np.isfinite(shares).any() else "n/a"
-        if not self.runaway_possible:
+        above, sustained = not ratio < self.ratio, self.above  # NaN: the measurement itself blew up
+        self.above = above
+        if not (self.runaway_possible and above and (step == 0 or sustained)):
             return None
-        if not ratio < self.ratio:  # NaN: the measurement itself blew up
-            return Warning(step, f"stability ratio {ratio:.3g} >= {self.ratio:g} (lambda_max {lam:.4g}, limit "
-                                 f"{limit:.4g}): updates grow along the top curvature direction", layer)
-        return None
+        when = "at initialization" if step == 0 else "at two measurements in a row"
+        return Warning(step, f"stability ratio {ratio:.3g} >= {self.ratio:g} {when} (lambda_max {lam:.4g}, limit "
+                             f"{limit:.4g}): updates grow along the top curvature direction", self.largest(shares))
 
     def from_loss(self, history: History) -> Optional[Warning]:
         loss = history.column("train/loss")
@@ -133,7 +144,8 @@ class WarningWatch:
             return None
         i = int(hits[0]) + LOSS_WINDOW - 1
         grid = history.layer_grid(len(self.layers))
-        layer = self.layers[int(np.nanargmax(grid[i] / np.maximum(grid[0], 1e-30)))] if len(grid) else "n/a"
+        with np.errstate(invalid="ignore", over="ignore"):
+            layer = self.largest(grid[i] / np.maximum(grid[0], 1e-30)) if len(grid) else "n/a"
         return Warning(history.steps[i], f"training loss {med[hits[0]]:.3g} >= {self.loss:g} x its start "
                                          f"{start:.3g}: the updates go uphill", layer)
 
@@ -151,11 +163,13 @@ class WarningWatch:
 
     def state_dict(self) -> dict:
         w = self.warning
-        return {"warning": None if w is None else {"step": w.step, "reason": w.reason, "layer": w.layer}}
+        return {"warning": None if w is None else {"step": w.step, "reason": w.reason, "layer": w.layer},
+                "above": self.above}
 
     def load_state_dict(self, state: dict) -> None:
         w = state.get("warning")
         self.warning = Warning(int(w["step"]), w["reason"], w["layer"]) if w else None
+        self.above = bool(state.get("above", False))
 
 
 class Foresight:
