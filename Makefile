@@ -35,6 +35,7 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/suite.py
 	$(PY) benchmarks/stabilizer_overhead.py
+	$(PY) benchmarks/foresight_overhead.py
 
 clean:
 	rm -rf outputs multirun reports metrics models

@@ -11,6 +11,7 @@ rounds interleave them, and the table gives the median over rounds of (variant /
 from __future__ import annotations
 
 import copy
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from gradlab.config import register_configs, resolve_device  # noqa: E402
 from gradlab.models import build_model  # noqa: E402
 from gradlab.monitor import GradientMonitor  # noqa: E402
-from stabilizer_overhead import bench_args, interleaved  # noqa: E402
+from bench import arguments, interleaved, median_ratios  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 VARIANTS = ["bare", "clip_grad_norm_", "monitor (telemetry only)", "monitor (clip)"]
@@ -51,7 +52,7 @@ def make_step(variant: str, model, x, y, out_dir: Path):
 
 
 def main() -> None:
-    args = bench_args(__doc__)
+    args = arguments(__doc__, steps=40, rounds=7)
     register_configs()
     device = resolve_device(args.device)
     tmp = Path(tempfile.mkdtemp())
@@ -67,7 +68,9 @@ def main() -> None:
             for step in steps.values():  # warm up: allocator, optimizer state
                 for _ in range(10):
                     step()
-            rows.append((name, *interleaved(steps, "bare", args.rounds, args.steps, device)))
+            runs = {v: (lambda step=step: [step() for _ in range(args.steps)]) for v, step in steps.items()}
+            times = interleaved(runs, args.rounds, device)
+            rows.append((name, statistics.median(times["bare"]) / args.steps * 1000, median_ratios(times, "bare")))
     print(f"device: {device}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps\n")
     print("| variant | " + " | ".join(f"{m} (bare: {ms:.2f} ms/step)" for m, ms, _ in rows) + " |")
     print("|---|" + "---|" * len(rows))

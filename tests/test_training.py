@@ -234,6 +234,7 @@ RESUME_CASES = {
     "adagc+spam": ["optimizer=stable_adamw", "stabilizer=[adagc,spam]", "stabilizer.adagc.warmup_steps=5",
                    "stabilizer.spam.reset_interval=7", "stabilizer.spam.warmup_steps=3",
                    "stabilizer.spam.clip_delay=2", "stabilizer.spam.threshold=2"],
+    "sgd+gauge": ["optimizer=sgd", "telemetry.sharpness_every=5"],  # the gauge's warm start is in the checkpoint
 }
 
 
@@ -262,6 +263,11 @@ def test_resume_is_bit_exact(tmp_path, case):
         b = history(resumed.tracking_uri, resumed.run_id, key)
         assert [s for s, _ in a] == list(range(n)), key
         assert a == b, key  # bit-for-bit (exact float equality, step by step)
+    every = int(c.get_run(resumed.run_id).data.params["telemetry.sharpness_every"])
+    for key in ("sharpness/lambda_max", "sharpness/stability_ratio"):  # the gauge resumes warm, as it was
+        a = history(straight.tracking_uri, straight.run_id, key)
+        assert [s for s, _ in a] == list(range(0, n, every)), key
+        assert a == history(resumed.tracking_uri, resumed.run_id, key), key
     sa = checkpoint.load(straight.checkpoint, torch.device("cpu"), "checkpoint")
     sb = checkpoint.load(resumed.checkpoint, torch.device("cpu"), "checkpoint")
     assert torch.equal(sa["history"]["rows"].nan_to_num(), sb["history"]["rows"].nan_to_num())

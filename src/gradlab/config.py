@@ -23,6 +23,7 @@ from omegaconf import MISSING, OmegaConf
 from . import models, optim, stabilizers
 from .data import DataConfig
 from .errors import ConfigError
+from .forensics import ForensicsConfig
 from .registry import MODELS, OPTIMIZERS, SCHEDULERS, STABILIZERS, Registry, Schema, choice, need
 from .telemetry import TelemetryConfig
 
@@ -62,6 +63,7 @@ class TrainerConfig(Schema):
     resume: Optional[str] = None  # a checkpoint to continue from, or auto: the last interrupted run of this config
     threads: int = 0  # torch intra-op threads (0: torch's default, one per core); results depend on it
     progress: bool = True  # progress bar (only on a terminal)
+    preflight: bool = False  # the preflight report (gradlab.preflight) before the first update
 
     def check(self) -> None:
         need(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
@@ -94,6 +96,7 @@ class Config(Schema):
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    forensics: ForensicsConfig = field(default_factory=ForensicsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     scenario: str = "default"  # names the failure preset (set by experiment=...)
@@ -125,10 +128,29 @@ class EvalConfig(Schema):
         check_device(self.device, "device")
 
 
+@dataclass
+class ForensicsRunConfig(Schema):
+    """``python src/forensics.py``: investigate a run after the fact, from the snapshot it saved."""
+
+    run_id: Optional[str] = None  # the run (its tag forensics/snapshot names the snapshot file)
+    snapshot: Optional[str] = None  # ... or a snapshot / checkpoint file directly
+    step: Optional[int] = None  # the update to re-run (default: the run's bad step)
+    tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else ./mlflow.db
+    device: str = "auto"
+    top_k: int = 16
+
+    def check(self) -> None:
+        need(self.run_id is not None or self.snapshot is not None, "run_id", "give run_id=<id> (or snapshot=<file>)")
+        need(self.step is None or self.step >= 0, "step", f"must be >= 0, got {self.step}")
+        need(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        check_device(self.device, "device")
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="schema", name="config", node=Config)
     cs.store(group="schema", name="evaluate", node=EvalConfig)
+    cs.store(group="schema", name="forensics", node=ForensicsRunConfig)
     for group, registry in GROUPS.items():
         for entry in registry:
             cs.store(group=f"schema/{group}", name=entry.name, node=entry.schema)

@@ -339,6 +339,10 @@ class EpochOrder:
             self.batch += 1
             yield x, y
 
+    def total_steps(self, epochs: int, max_steps: Optional[int]) -> int:
+        """A run's budget: ``epochs`` epochs, capped at ``max_steps``."""
+        return min(epochs * self.batches_per_epoch, max_steps or epochs * self.batches_per_epoch)
+
     @property
     def epoch_done(self) -> bool:
         return self.batch >= self.batches_per_epoch

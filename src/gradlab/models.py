@@ -181,9 +181,12 @@ class SequenceClassifier(nn.Module):
         self.norm = norm_layer(cfg.norm, cfg.hidden)
         self.head = nn.Linear(cfg.hidden, 10)
 
+    def as_sequence(self, x):
+        """Images [B, 1, 28, 28] -> the sequences the recurrent layer reads, [B, T, features]."""
+        return x.view(x.shape[0], 28, 28) if self.sequence == "rows" else x.view(x.shape[0], 784, 1)
+
     def forward(self, x):
-        seq = x.view(x.shape[0], 28, 28) if self.sequence == "rows" else x.view(x.shape[0], 784, 1)
-        out, _ = self.rnn(seq)
+        out, _ = self.rnn(self.as_sequence(x))
         return self.head(self.norm(out[:, -1]))
 
 

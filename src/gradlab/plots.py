@@ -112,3 +112,21 @@ def confusion_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def sample_grid(images: np.ndarray, captions: List[str], path: Path, title: str = "") -> Path:
+    """Images [k, 28, 28] in a grid, each with its caption (forensics: the samples behind a bad step)."""
+    k = max(len(images), 1)
+    cols = min(k, 8)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image, cmap="gray_r")
+        ax.set_title(caption, fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -155,6 +155,7 @@ class Stabilizer:
 
     name = "base"
     needs_optimizer = False
+    bounds_update = False  # whether every update's size is bounded from the first step (gradlab.preflight)
 
     def __init__(self, params: List[nn.Parameter], names: List[str], device: torch.device):
         self.params, self.names, self.device = params, names, device
@@ -197,6 +198,8 @@ class ClipConfig(Schema):
 @STABILIZERS.register("clip", ClipConfig, order=40)
 class ClipNorm(Stabilizer):
     """Global-norm clipping, exactly torch.nn.utils.clip_grad_norm_ (any p, inf included)."""
+
+    bounds_update = True
 
     def __init__(self, params, names, device, max_norm: float, norm_type: float):
         super().__init__(params, names, device)
@@ -254,6 +257,8 @@ class AGC(Stabilizer):
     G_i <- G_i * max_i / max(||G_i||, 1e-6) when ||G_i|| > max_i = clipping * max(||W_i||, eps).
     ``exclude`` names modules (``head``, ``blocks.1``), matched at a ``.`` boundary."""
 
+    bounds_update = True  # relative to each unit's weights (the excluded head is not bounded)
+
     def __init__(self, params, names, device, clipping: float, eps: float, exclude: List[str]):
         super().__init__(params, names, device)
         paths = [("head" if e == "auto" else e) for e in exclude]
@@ -301,6 +306,8 @@ class AdaGC(Stabilizer):
     g_i <- g_i * clip_ratio * gamma_i / (||g_i|| + eps), and
     gamma_i <- beta * gamma_i + (1 - beta) * min(||g_i||, clip_ratio * gamma_i).
     A non-finite norm never enters gamma (the reference would store it)."""
+
+    bounds_update = True  # the warm-up clips the global norm at max_norm from the first step
 
     def __init__(self, params, names, device, warmup_steps: int, max_norm: float, clip_ratio: float,
                  beta: float, eps: float):
@@ -427,6 +434,7 @@ class ZClip(Stabilizer):
         self.skip_update_on_spike, self.eps = bool(skip_update_on_spike), float(eps)
         self.cap = math.inf if max_grad_norm is None else float(max_grad_norm)
         self.warmup = RingBuffer(self.warmup_steps, device)  # the warm-up's finite norms
+        self.bounds_update = max_grad_norm is not None  # the hard cap applies from the first step
         self.mean = torch.zeros((), device=device)
         self.var = torch.zeros((), device=device)
 

@@ -44,11 +44,18 @@ class TelemetryConfig(Schema):
     explosion_factor: float = 100.0  # norm growth that flags an explosion ...
     explosion_window: int = 100  # ... within this many steps
     plots: bool = True  # heatmap + norm plot artifacts
+    sharpness_every: int = 100  # steps between sharpness gauges (gradlab.foresight; 0: off)
+    sharpness_iters: int = 3  # power iterations per gauge after the first (warm-started)
+    warn_ratio: float = 1.0  # warn at this stability ratio (SGD-type optimizers)
+    warn_loss: float = 1.5  # ... when the training loss climbs to this multiple of its start
 
     def check(self) -> None:
-        for key in ("log_every", "layer_every", "explosion_window"):
+        for key in ("log_every", "layer_every", "explosion_window", "sharpness_iters"):
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         need(self.explosion_factor > 1, "explosion_factor", f"must be > 1, got {self.explosion_factor}")
+        need(self.sharpness_every >= 0, "sharpness_every", f"must be >= 0 (0: off), got {self.sharpness_every}")
+        for key in ("warn_ratio", "warn_loss"):
+            need(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
 
 
 
@@ -84,6 +91,7 @@ class History:
     ratio_steps: List[int] = field(default_factory=list)  # the layer_every steps
     layer_ratio: List[np.ndarray] = field(default_factory=list)  # [L] per ratio step
     epoch_points: List[tuple] = field(default_factory=list)  # (key, value, step) of each epoch's validation
+    sparse: List[tuple] = field(default_factory=list)  # (key, value, step) measured at some steps only (the gauge)
 
     def column(self, key: str) -> np.ndarray:
         if not self.rows:
@@ -119,6 +127,7 @@ class History:
         self.steps, self.lr = self.steps[:n], self.lr[:n]
         m = sum(1 for s in self.ratio_steps if s <= last_step)
         self.ratio_steps, self.layer_ratio = self.ratio_steps[:m], self.layer_ratio[:m]
+        self.sparse = [p for p in self.sparse if p[2] <= last_step]
 
     def state_dict(self) -> Dict[str, Any]:
         """Tensors and plain types only, so a checkpoint loads with ``weights_only=True``."""
@@ -131,7 +140,8 @@ class History:
                 "layer_grad": torch.from_numpy(self.layer_grid(n_layers)),
                 "ratio_steps": torch.tensor(self.ratio_steps, dtype=torch.long),
                 "layer_ratio": torch.from_numpy(np.stack(self.layer_ratio)) if self.layer_ratio else empty,
-                "epoch_points": [(k, float(v), int(s)) for k, v, s in self.epoch_points]}
+                "epoch_points": [(k, float(v), int(s)) for k, v, s in self.epoch_points],
+                "sparse": [(k, float(v), int(s)) for k, v, s in self.sparse]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.layers = list(state["layers"])
@@ -141,6 +151,7 @@ class History:
         self.ratio_steps = state["ratio_steps"].tolist()
         self.layer_ratio = list(state["layer_ratio"].numpy())
         self.epoch_points = [tuple(p) for p in state["epoch_points"]]
+        self.sparse = [tuple(p) for p in state.get("sparse", [])]
 
 
 class Recorder:

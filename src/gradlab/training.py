@@ -32,6 +32,8 @@ from .errors import ConfigError
 from .data import DeviceData, EpochOrder, load_splits
 from .engine import StepEngine
 from .evaluation import evaluate_split
+from .foresight import Foresight
+from .forensics import Snapshots, find_bad_step, investigate
 from .models import build_model
 from .record import MAX_CONSECUTIVE_SKIPS, now_ms
 from .stabilizers import stabilizer_label
@@ -71,6 +73,7 @@ class TrainResult:
     explosion_first_layer: Optional[str]
     val_accuracy: float
     seconds_per_step: float
+    warning_step: Optional[int] = None
 
 
 class StopSignal:
@@ -113,11 +116,12 @@ class Trainer:
         self.train_data = DeviceData(splits["train_x"], splits["train_y"], self.device)
         self.val_data = DeviceData(splits["val_x"], splits["val_y"], self.device)
         self.order = EpochOrder(cfg.seed, len(self.train_data), cfg.trainer.batch_size)
-        per_epoch = self.order.batches_per_epoch
-        self.total_steps = min(cfg.trainer.epochs * per_epoch, cfg.trainer.max_steps or math.inf)
+        self.total_steps = self.order.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
         model = build_model(cfg.model, cfg.data).to(self.device)
-        self.engine = StepEngine(cfg, model, self.device, self.total_steps, per_epoch)
+        self.engine = StepEngine(cfg, model, self.device, self.total_steps, self.order.batches_per_epoch)
         self.divergence = DivergenceWatch(MAX_CONSECUTIVE_SKIPS)
+        self.foresight = Foresight(cfg, self.engine)
+        self.snapshots = Snapshots(cfg.forensics.snapshot_every, cfg.forensics.keep)
         self.checkpoint_path = Path(cfg.trainer.checkpoint or self.output_dir / "model.pt").resolve()
         self.last_checkpoint = 0  # step of the latest crash-safety checkpoint
         self.train_seconds = 0.0
@@ -145,10 +149,15 @@ class Trainer:
         t0 = time.perf_counter()
         with StopSignal() as stop:
             try:
+                if self.cfg.trainer.preflight and self.engine.step_count == 0:
+                    self.preflight(run)
+                if self.snapshots.due(self.engine.step_count):
+                    self.snapshots.take(self.engine, self.order)
                 while not self.done:
                     for x, y in self.order.batches(self.train_data):
+                        measured = self.foresight.before_step(self.engine.step_count, x, y)
                         self.engine.step(x, y)
-                        if self.engine.recorder.full:
+                        if self.engine.recorder.full or measured:  # a measurement is read at once
                             self.flush(run)
                         if self.done or stop.signum:
                             break
@@ -205,7 +214,7 @@ class Trainer:
                                                        tracking_uri=uri, resume_logging=same)
             self.system_metrics.start()
         if resumed is not None:
-            run.log_points(self.history.points() + self.history.epoch_points, now_ms())
+            run.log_points(self.history.points() + self.history.epoch_points + self.history.sparse, now_ms())
             run.set_tags(self.resume_tags(same))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -247,8 +256,15 @@ class Trainer:
         ``trainer.checkpoint_every`` steps, a crash-safety checkpoint follows."""
         h = self.history
         run.log_points(record.new_points(self.engine.recorder, self.divergence), now_ms())
+        gauge_points, warning = self.foresight.flush(h, self.divergence.step)
+        if warning is not None:
+            run.set_tags(warning.tags())
+        if gauge_points:
+            run.log_points(gauge_points, now_ms())
         if h.steps:
             self.progress(h)
+        if self.divergence.step is None and self.snapshots.due(self.engine.step_count):
+            self.snapshots.take(self.engine, self.order)
         every = self.cfg.trainer.checkpoint_every
         if checkpoint and every and self.divergence.step is None and \
                 self.engine.step_count - self.last_checkpoint >= every and not self.done:
@@ -271,6 +287,14 @@ class Trainer:
         self.save(self.checkpoint_path)
         self.last_checkpoint = self.engine.step_count
         run.heartbeat()
+
+    def preflight(self, run: RunLogger) -> None:
+        """``trainer.preflight=true``: the preflight report before the first update, into this run."""
+        from .preflight import log_report, preflight
+
+        report = preflight(self)
+        log(report.table())
+        log_report(run, report, self.output_dir)
 
     def validate(self, run: RunLogger) -> list:
         """Validation points (and this epoch's training accuracy), logged at the current step."""
@@ -306,18 +330,26 @@ class Trainer:
             self.log_model(run)
         plot_paths = self.plot(run.run_id, explosion) if cfg.telemetry.plots and h.steps else []
         record.log_end(run, h, summary, tags, plot_paths)
+        if cfg.forensics.investigate:
+            self.investigate(run, explosion)
         if self.system_metrics is not None:
             self.system_metrics.finish()
         run.close("FINISHED")
         log(f"run {run.run_id}: {tags['outcome']}, {len(h.steps)} steps, val accuracy {self.last_val[1]:.4f}")
+        warning = self.foresight.watch.warning
         return TrainResult(run.run_id, run.client.tracking_uri, ckpt, len(h.steps), at is not None, at,
-                           explosion.step, explosion.first_layer, self.last_val[1], summary["time/step_ms"] / 1000)
+                           explosion.step, explosion.first_layer, self.last_val[1], summary["time/step_ms"] / 1000,
+                           warning.step if warning else None)
 
     def summary(self, explosion: Explosion) -> tuple[dict, dict]:
         metrics, tags = record.summary(self.history, self.divergence.step, self.train_seconds, explosion)
         metrics.update({"final/val_accuracy": self.last_val[1], "final/val_loss": self.last_val[0],
                         "model/parameters": float(sum(p.numel() for p in self.engine.model.parameters()))})
         tags["outcome"] = self.outcome()
+        warning = self.foresight.watch.warning
+        tags["warned"] = str(warning is not None).lower()
+        if warning is not None:
+            metrics["warning/step"] = float(warning.step)
         return metrics, tags
 
     def outcome(self) -> str:
@@ -353,13 +385,43 @@ class Trainer:
         return record.plot(self.engine.recorder, self.output_dir, title, explosion, self.divergence.step,
                            clip.max_norm if clip is not None else None)
 
+    def investigate(self, run: RunLogger, explosion: Explosion) -> None:
+        """Forensics of the bad step (gradlab.forensics), from the last snapshot before it: tags
+        ``nonfinite/*`` and ``forensics/*``, artifacts under ``forensics/``, and the snapshot file that
+        ``src/forensics.py`` starts from. A failure here is reported on the run, never loses it."""
+        bad = find_bad_step(self.history, self.divergence.step, explosion.step)
+        snap = self.snapshots.before(bad.step) if bad is not None else None
+        if bad is None:
+            return
+        if snap is None:
+            run.set_tags({"forensics/skipped": f"no snapshot at or before step {bad.step} (forensics.keep)"})
+            return
+        out = self.output_dir / "forensics"
+        try:
+            snapshot_file = self.save(out / "snapshot.pt", snap, bad.to_dict())
+            found = investigate(self.cfg, snap, self.history, bad, self.train_data, self.device, out,
+                                self.cfg.forensics.top_k, run_name(self.cfg))
+        except Exception as exc:  # noqa: BLE001 - the run's record matters more than its forensics
+            log(f"gradlab: forensics failed: {type(exc).__name__}: {exc}")
+            run.set_tags({"forensics/error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            return
+        log(f"gradlab: forensics: {found.summary()}")
+        run.set_tags({**found.tags(), "forensics/snapshot": str(snapshot_file.resolve())})
+        # the snapshot is a checkpoint: uploaded when checkpoints are (matrix children keep it on disk)
+        for path in ([snapshot_file] if self.cfg.trainer.log_checkpoint else []) + list(found.artifacts):
+            run.log_artifact(path, "forensics")
+
     # ------------------------------------------------------------ checkpoints
-    def save(self, path: Path) -> Path:
+    def save(self, path: Path, snapshot: Optional[dict] = None, bad: Optional[dict] = None) -> Path:
+        """The checkpoint; with ``snapshot`` (gradlab.forensics), the same file for that earlier state."""
+        engine = snapshot["engine"] if snapshot else self.engine.state_dict()
+        order = snapshot["order"] if snapshot else self.order.state_dict()
         return checkpoint.save(path, {
-            "config": OmegaConf.to_container(self.cfg, resolve=True), "engine": self.engine.state_dict(),
-            "order": self.order.state_dict(), "history": self.history.state_dict(), "step": len(self.history.steps),
+            "config": OmegaConf.to_container(self.cfg, resolve=True), "engine": engine, "forensics": bad,
+            "order": order, "history": self.history.state_dict(), "step": len(self.history.steps),
             "train_seconds": self.train_seconds, "run_id": self.run_id, "tracking_uri": tracking_uri(self.cfg.tracking.uri),
             "data_checksum": self.data_checksum, "diverged_at_step": self.divergence.step,
+            "foresight": self.foresight.state_dict(),
             "resume_count": self.resumed["count"] if self.resumed else 0})
 
     def load(self, path: str) -> None:
@@ -374,6 +436,8 @@ class Trainer:
                                                 f"({str(exc).splitlines()[0][:200]})") from None
         self.order.load_state_dict(state["order"])
         self.history.load_state_dict(state["history"])
+        if "foresight" in state:
+            self.foresight.load_state_dict(state["foresight"])
         self.train_seconds = state["train_seconds"]
         self.last_checkpoint = self.engine.step_count
         self.resumed = {"run_id": state["run_id"], "step": self.engine.step_count, "config": state["config"],

@@ -1,0 +1,499 @@
+"""Divergence forensics: what went wrong at the bad step, and what each remedy would have done there.
+
+During a run, ``Snapshots`` keeps in memory the engine's full state (model, optimizer,
+stabilizers, schedule, scaler, RNG: ``StepEngine.state_dict``) and the data order
+(``EpochOrder.state_dict``) at the start and every ``forensics.snapshot_every`` steps (the
+latest ``forensics.keep``). When the run diverged (or ``spike_skip`` skipped a step, or the
+explosion flag fired), ``investigate``:
+
+* replays deterministically from the last snapshot before the bad step, with probes on every
+  leaf module and parameter, and finds the first tensor that became non-finite (forward
+  activation, output gradient, parameter gradient, or a parameter after the update); the
+  replayed steps' losses and norms are compared with the recorded ones (bit-exact on the CPU);
+* attributes the bad step's batch: per-sample gradient norms (``torch.func.vmap(grad)``), the
+  top-k samples as an image grid with their labels and norms;
+* re-runs the bad step from the same state with each stabilizer in the library and one more
+  step after it: the applied norm, the next loss, and whether it stays finite.
+
+"The bad step" is the update that went wrong: for a divergence, the step before the first
+non-finite record (its update produced the non-finite state); for a skip or an explosion
+flag, the flagged step. ``python src/forensics.py run_id=<id>`` runs the same from the
+snapshot file a run saves when it has something to investigate.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .data import MEAN, STD, EpochOrder
+from .engine import StepEngine
+from .models import build_model
+from .registry import STABILIZERS, Schema, need
+from .telemetry import STEP_KEYS, History
+
+HISTORY_FED = 1000  # recorded steps fed to an adaptive stabilizer before its counterfactual step
+
+
+@dataclass
+class ForensicsConfig(Schema):
+    snapshot_every: int = 100  # steps between in-memory snapshots for the replay (0: none, no forensics)
+    keep: int = 2  # snapshots kept besides the first one (older ones are dropped)
+    top_k: int = 16  # samples in the attribution grid
+    investigate: bool = True  # at the end of a run that diverged, skipped a step or exploded
+
+    def check(self) -> None:
+        need(self.snapshot_every >= 0, "snapshot_every", f"must be >= 0 (0: off), got {self.snapshot_every}")
+        need(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
+        need(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+
+
+# ---------------------------------------------------------------- snapshots
+class Snapshots:
+    """The run's state at its start and at the latest ``keep`` snapshot steps, in memory."""
+
+    def __init__(self, every: int, keep: int):
+        self.every = every
+        self.first: Optional[dict] = None
+        self.recent: deque = deque(maxlen=keep)
+
+    @property
+    def last_step(self) -> Optional[int]:
+        return self.recent[-1]["step"] if self.recent else (self.first["step"] if self.first else None)
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and (self.last_step is None or step - self.last_step >= self.every)
+
+    def take(self, engine: StepEngine, order: EpochOrder) -> None:
+        """A deep copy (the state dicts alias the live tensors). Called between steps, at a flush."""
+        snap = {"step": engine.step_count, "engine": copy.deepcopy(engine.state_dict()),
+                "order": copy.deepcopy(order.state_dict())}
+        if self.first is None:
+            self.first = snap
+        else:
+            self.recent.append(snap)
+
+    def before(self, step: int) -> Optional[dict]:
+        """The latest snapshot taken at or before ``step``."""
+        found = [s for s in [self.first, *self.recent] if s is not None and s["step"] <= step]
+        return max(found, key=lambda s: s["step"]) if found else None
+
+
+# ---------------------------------------------------------------- the bad step
+@dataclass
+class BadStep:
+    step: int  # the update re-run with each remedy
+    kind: str  # diverged | skipped | exploded | requested
+    observed: int  # where it showed: the first non-finite record, the skip, the flag
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "kind": self.kind, "observed": self.observed}
+
+
+def find_bad_step(history: History, diverged_at: Optional[int], explosion_step: Optional[int]) -> Optional[BadStep]:
+    if diverged_at is not None:
+        return BadStep(max(diverged_at - 1, 0), "diverged", diverged_at)
+    skipped = np.flatnonzero(history.column("grad/skipped") > 0.5)
+    if skipped.size:
+        step = history.steps[int(skipped[0])]
+        return BadStep(step, "skipped", step)
+    if explosion_step is not None:
+        return BadStep(explosion_step, "exploded", explosion_step)
+    return None
+
+
+# ---------------------------------------------------------------- replay with probes
+def _first_tensor(out):
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out if torch.is_tensor(out) else None
+
+
+class Probe:
+    """Statistics of every leaf module's output and output gradient, every parameter's gradient
+    and every parameter after the update, in the order they happen; remembers the first that is
+    not finite. Reads values only: the replayed numbers are the run's."""
+
+    def __init__(self, model: nn.Module):
+        self.step = -1
+        self.rows: List[tuple] = []  # (step, tensor, kind, rms, max_abs, finite)
+        self.first: Optional[tuple] = None  # (step, tensor, kind)
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        leaves = [(n, m) for n, m in model.named_modules()
+                  if not any(True for _ in m.children()) and not isinstance(m, nn.Identity)]
+        self.handles = [m.register_forward_hook(self._forward(n)) for n, m in leaves]
+        self.handles += [p.register_post_accumulate_grad_hook(self._param_grad(n)) for n, p in self.params]
+
+    def record(self, name: str, kind: str, t: torch.Tensor) -> None:
+        t = t.detach().float()
+        finite = bool(torch.isfinite(t).all())
+        rms, top = (float(t.pow(2).mean().sqrt()), float(t.abs().max())) if t.numel() else (0.0, 0.0)
+        self.rows.append((self.step, name, kind, rms, top, finite))
+        if not finite and self.first is None:
+            self.first = (self.step, name, kind)
+
+    def _forward(self, name: str):
+        def hook(module, args, out):
+            t = _first_tensor(out)
+            if t is None:
+                return
+            self.record(name, "activation", t)
+            if t.requires_grad:
+                t.register_hook(lambda g: self.record(name, "output gradient", g))
+        return hook
+
+    def _param_grad(self, name: str):
+        return lambda p: self.record(name, "parameter gradient", p.grad)
+
+    def after_update(self) -> None:
+        for n, p in self.params:
+            self.record(n, "parameter after update", p)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def build_engine(cfg, device: torch.device, n_train: int) -> tuple[StepEngine, EpochOrder]:
+    """A fresh engine and data order for ``cfg``, as the run's Trainer builds them."""
+    order = EpochOrder(cfg.seed, n_train, cfg.trainer.batch_size)
+    total = order.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
+    model = build_model(cfg.model, cfg.data).to(device)
+    return StepEngine(cfg, model, device, total, order.batches_per_epoch), order
+
+
+@dataclass
+class Replay:
+    start: int
+    states: Dict[int, dict]  # engine state before the steps asked for
+    batches: Dict[int, tuple]  # (x, y, training-set indices) of those steps
+    history: History  # the replayed steps' telemetry
+    probe: Probe
+
+
+def replay(cfg, snapshot: dict, data, history: History, until: int, keep: List[int], device) -> Replay:
+    """Steps ``snapshot['step']`` .. ``until`` again, probed; keeps the state before and the batch of
+    each step in ``keep``. Epoch ends replay the recorded validation loss into the schedule."""
+    engine, order = build_engine(cfg, device, len(data))
+    engine.load_state_dict(copy.deepcopy(snapshot["engine"]))  # the optimizer would alias the snapshot
+    order.load_state_dict(copy.deepcopy(snapshot["order"]))
+    val_loss = {s: v for k, v, s in history.epoch_points if k == "val/loss"}
+    probe = Probe(engine.model)
+    states, batches = {}, {}
+    try:
+        while engine.step_count <= until:
+            for x, y in order.batches(data):
+                step = engine.step_count
+                if step in keep:
+                    bs = cfg.trainer.batch_size
+                    states[step] = copy.deepcopy(engine.state_dict())
+                    batches[step] = (x, y, order.perm[(order.batch - 1) * bs: order.batch * bs].tolist())
+                probe.step = step
+                engine.step(x, y)
+                probe.after_update()
+                if engine.recorder.full:
+                    engine.recorder.flush()
+                if engine.step_count > until:
+                    break
+            if order.epoch_done:
+                if engine.step_count in val_loss:
+                    engine.schedule.epoch_end(val_loss[engine.step_count])
+                order.next_epoch()
+    finally:
+        probe.close()
+    engine.recorder.flush()
+    return Replay(snapshot["step"], states, batches, engine.recorder.history, probe)
+
+
+def overflowed_norm(rep: Replay) -> Optional[tuple]:
+    """When every tensor stayed finite but a step's recorded gradient norm did not, the norm itself
+    overflowed: float32 squares of gradients past ~1.8e19 exceed its range. Names the parameter with
+    the largest gradient at that step (step, tensor, kind), else None."""
+    rows = np.concatenate(rep.history.rows) if rep.history.rows else np.zeros((0, len(STEP_KEYS)))
+    bad = [s for s, row in zip(rep.history.steps, rows) if not np.isfinite(row[STEP_KEYS.index("grad/norm")])]
+    grads = [r for r in rep.probe.rows if bad and r[0] == bad[0] and r[2] == "parameter gradient"]
+    if not grads:
+        return None
+    return bad[0], max(grads, key=lambda r: r[4])[1], "gradient norm overflow (every tensor finite)"
+
+
+def replay_matches(recorded: History, replayed: History) -> bool:
+    """Whether every replayed step's loss and gradient norm equal the recorded ones exactly."""
+    rec = dict(zip(recorded.steps, np.concatenate(recorded.rows))) if recorded.rows else {}
+    cols = [STEP_KEYS.index("train/loss"), STEP_KEYS.index("grad/norm")]
+    rows = np.concatenate(replayed.rows) if replayed.rows else np.zeros((0, len(STEP_KEYS)))
+    pairs = [(rec[s][cols], row[cols]) for s, row in zip(replayed.steps, rows) if s in rec]
+    return bool(pairs) and all(np.array_equal(a, b, equal_nan=True) for a, b in pairs)
+
+
+# ---------------------------------------------------------------- attribution
+def per_sample_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
+                          chunk: int = 16) -> torch.Tensor:
+    """||d loss_i / d theta|| of every sample, with ``torch.func.vmap(grad)`` in chunks (memory: chunk x
+    parameters). nn.RNN does not run under vmap (its hidden-state init, torch 2.14): then one grad per sample."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def sample_loss(p, xi, yi):
+        logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return F.cross_entropy(logits.float(), yi.unsqueeze(0), label_smoothing=label_smoothing)
+
+    def norms(g: Dict[str, torch.Tensor], batched: bool) -> torch.Tensor:
+        sq = [t.flatten(1).pow(2).sum(1) if batched else t.pow(2).sum() for t in g.values()]
+        return torch.stack(sq).sum(0).sqrt()
+
+    try:
+        per_chunk = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        return torch.cat([norms(per_chunk(params, x[i:i + chunk], y[i:i + chunk]), True)
+                          for i in range(0, len(x), chunk)])
+    except (RuntimeError, NotImplementedError):
+        return torch.stack([norms(grad(sample_loss)(params, xi, yi), False) for xi, yi in zip(x, y)])
+
+
+def attribute(cfg, state: dict, batch: tuple, device, top_k: int, out_dir: Path, title: str) -> List[Path]:
+    """Per-sample gradient norms of the bad step's batch at the state before it (eval mode: dropout off,
+    BatchNorm on its running statistics): a CSV of every sample, the top-k as an image grid."""
+    from . import plots
+
+    x, y, index = batch
+    model = build_model(cfg.model, cfg.data).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    norms = per_sample_grad_norms(model, x, y, cfg.loss.label_smoothing).detach().cpu().double().numpy()
+    with torch.no_grad():
+        logits = model(x).float()
+        losses = F.cross_entropy(logits, y, reduction="none").cpu().double().numpy()
+        preds = logits.argmax(1).cpu().numpy()
+    share = norms / np.nansum(np.where(np.isfinite(norms), norms, 0)) if np.isfinite(norms).any() else norms
+    order = np.argsort(np.where(np.isnan(norms), -np.inf, norms))[::-1]
+    rows = [{"rank": r + 1, "batch_position": int(i), "train_index": index[i], "label": int(y[i]),
+             "prediction": int(preds[i]), "loss": losses[i], "grad_norm": norms[i], "share": share[i]}
+            for r, i in enumerate(order)]
+    csv_path = write_csv(out_dir / "attribution.csv", rows)
+    top = order[:top_k]
+    images = (x[torch.as_tensor(top.copy(), device=x.device)].float() * STD + MEAN).squeeze(1).cpu().numpy()
+    captions = [f"#{r + 1} label {int(y[i])} pred {int(preds[i])}\n|g| {norms[i]:.3g} ({share[i]:.1%})"
+                for r, i in enumerate(top)]
+    return [csv_path, plots.sample_grid(images, captions, out_dir / "attribution.png", title)]
+
+
+# ---------------------------------------------------------------- counterfactual
+def candidates(cfg) -> List[tuple]:
+    """(label, selection) for each stabilizer in the library alone, plus the run's own selection when
+    it combines several. A run's warmup stays in every candidate (it is part of its schedule)."""
+    own = [e.name for e in STABILIZERS if e.name != "none" and cfg.stabilizer.get(e.name) is not None]
+    base = ["warmup"] if "warmup" in own else []
+    out = [(name, sorted(set(base + ([name] if name != "none" else [])), key=STABILIZERS.names().index))
+           for name in STABILIZERS.names()]
+    if len(own) > 1 and own not in [sel for _, sel in out]:
+        out.append(("+".join(own) + " (this run)", own))
+    return out
+
+
+def candidate_config(cfg, selection: List[str]):
+    """``cfg`` with exactly ``selection`` selected (the run's own settings where it had the option,
+    else the option's defaults)."""
+    c = copy.deepcopy(cfg)
+    for entry in STABILIZERS:
+        if entry.name == "none":
+            continue
+        keep = entry.name in selection
+        c.stabilizer[entry.name] = (cfg.stabilizer[entry.name] if cfg.stabilizer.get(entry.name) is not None
+                                    else OmegaConf.structured(entry.schema)) if keep else None
+    return c
+
+
+def feed_history(engine: StepEngine, fresh: List[str], history: History, step: int) -> None:
+    """Give the adaptive stabilizers the run did not have the recorded losses and raw norms of the
+    steps before ``step`` (at most HISTORY_FED), as if they had watched the run."""
+    from .stabilizers import GradStep
+
+    keep = [s for s in engine.stack.stabilizers if s.name in fresh and s.state_dict()]
+    if not keep:
+        return
+    rows = np.concatenate(history.rows) if history.rows else np.zeros((0, len(STEP_KEYS)))
+    before = [i for i, s in enumerate(history.steps) if s < step][-HISTORY_FED:]
+    dummy = [torch.zeros(1, device=engine.device)]
+    for i in before:
+        loss = torch.tensor(rows[i, STEP_KEYS.index("train/loss")], dtype=torch.float32, device=engine.device)
+        norm = torch.tensor(rows[i, STEP_KEYS.index("grad/norm")], dtype=torch.float32, device=engine.device)
+        for s in keep:
+            s.apply(GradStep(loss=loss, grads=dummy, per_tensor=[norm], pre_norm=norm, norm=norm))
+
+
+def counterfactual(cfg, state: dict, bad: int, batches: Dict[int, tuple], history: History, device,
+                   n_train: int) -> List[dict]:
+    """The bad step re-run from ``state`` (the state before it) under each candidate, then the next step."""
+    own = [e.name for e in STABILIZERS if cfg.stabilizer.get(e.name) is not None]
+    rows = []
+    for label, selection in candidates(cfg):
+        warmup_added = "warmup" in selection and "warmup" not in own
+        c = candidate_config(cfg, [s for s in selection if not warmup_added or s != "warmup"])
+        engine, _ = build_engine(c, device, n_train)
+        engine.load_state_dict(copy.deepcopy(state))
+        feed_history(engine, [s for s in selection if s not in own], history, bad)
+        if warmup_added:  # warmup from the run's start: lr x (t+1)/N at step t
+            factor = min(1.0, (bad + 1) / OmegaConf.structured(STABILIZERS["warmup"].schema).steps)
+            for g in engine.optimizer.param_groups:
+                g["lr"] *= factor
+        engine.step(*batches[bad][:2])
+        weights_finite = all(bool(torch.isfinite(p).all()) for p in engine.model.parameters())
+        engine.step(*batches[bad + 1][:2])
+        engine.recorder.flush()
+        r = np.concatenate(engine.recorder.history.rows)
+        col = {k: STEP_KEYS.index(k) for k in STEP_KEYS}
+        finite = weights_finite and bool(np.isfinite(r[1, col["train/loss"]]) and np.isfinite(r[1, col["grad/norm"]]))
+        rows.append({"remedy": label, "raw_norm": r[0, col["grad/norm"]], "applied_norm": r[0, col["grad/norm_after"]],
+                     "skipped": bool(r[0, col["grad/skipped"]] > 0.5), "loss": r[0, col["train/loss"]],
+                     "next_loss": r[1, col["train/loss"]], "next_norm": r[1, col["grad/norm"]], "stays_finite": finite})
+    return rows
+
+
+# ---------------------------------------------------------------- the investigation
+@dataclass
+class Findings:
+    bad: BadStep
+    snapshot_step: int
+    first_tensor: Optional[tuple]  # (step, tensor name, kind), None when everything stayed finite
+    replay_exact: bool
+    counterfactual: List[dict]
+    artifacts: List[Path] = field(default_factory=list)
+
+    def tags(self) -> Dict[str, str]:
+        tags = {"forensics/kind": self.bad.kind, "forensics/step": str(self.bad.step),
+                "forensics/observed_step": str(self.bad.observed), "forensics/replayed_from": str(self.snapshot_step),
+                "forensics/replay_exact": str(self.replay_exact).lower(),
+                "forensics/finite_with": ",".join(r["remedy"] for r in self.counterfactual if r["stays_finite"])
+                or "nothing"}
+        if self.first_tensor is not None:
+            step, name, kind = self.first_tensor
+            tags.update({"nonfinite/first_tensor": name, "nonfinite/kind": kind, "nonfinite/step": str(step)})
+        return tags
+
+    def summary(self) -> str:
+        first = ("everything stayed finite" if self.first_tensor is None else
+                 "first non-finite tensor: {1} ({2}) at step {0}".format(*self.first_tensor))
+        finite = [r["remedy"] for r in self.counterfactual if r["stays_finite"]]
+        return (f"{self.bad.kind} at step {self.bad.observed}; replayed from step {self.snapshot_step} "
+                f"({'bit-exact' if self.replay_exact else 'NOT bit-exact'}); {first}; re-running step "
+                f"{self.bad.step}, finite one step later with: {', '.join(finite) or 'nothing'}")
+
+
+def write_csv(path: Path, rows: List[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["empty"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def counterfactual_markdown(rows: List[dict], bad: BadStep) -> str:
+    head = (f"What each remedy would have done at step {bad.step} (re-run from the same state), and step "
+            f"{bad.step + 1} after it:\n\n| remedy | raw norm | applied norm | skipped | loss at {bad.step + 1} | "
+            f"grad norm at {bad.step + 1} | stays finite |\n|---|---|---|---|---|---|---|")
+    lines = [f"| {r['remedy']} | {r['raw_norm']:.4g} | {r['applied_norm']:.4g} | {'yes' if r['skipped'] else 'no'} | "
+             f"{r['next_loss']:.4g} | {r['next_norm']:.4g} | {'yes' if r['stays_finite'] else 'NO'} |" for r in rows]
+    return "\n".join([head, *lines]) + "\n"
+
+
+def investigate(cfg, snapshot: dict, history: History, bad: BadStep, data, device, out_dir: Path,
+                top_k: int = 16, title: str = "") -> Findings:
+    """Replay, attribution and counterfactual for ``bad`` from ``snapshot`` (its step <= bad.step);
+    the artifacts go to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    until = max(bad.observed, bad.step + 1)
+    rep = replay(cfg, snapshot, data, history, until, [bad.step, bad.step + 1], device)
+    stats = [{"step": s, "tensor": n, "kind": k, "rms": rms, "max_abs": top, "finite": fin}
+             for s, n, k, rms, top, fin in rep.probe.rows]
+    rows = counterfactual(cfg, rep.states[bad.step], bad.step, rep.batches, history, device, len(data))
+    first = rep.probe.first or overflowed_norm(rep)
+    findings = Findings(bad, snapshot["step"], first, replay_matches(history, rep.history), rows)
+    findings.artifacts += [write_csv(out_dir / "layer_stats.csv", stats), write_csv(out_dir / "counterfactual.csv", rows)]
+    (out_dir / "counterfactual.md").write_text(counterfactual_markdown(rows, bad))
+    findings.artifacts.append(out_dir / "counterfactual.md")
+    findings.artifacts += attribute(cfg, rep.states[bad.step], rep.batches[bad.step], device, top_k, out_dir,
+                                    f"{title} step {bad.step}: top {top_k} samples by gradient norm".strip())
+    (out_dir / "summary.txt").write_text(findings.summary() + "\n")
+    findings.artifacts.append(out_dir / "summary.txt")
+    return findings
+
+
+# ---------------------------------------------------------------- after the fact (src/forensics.py)
+def snapshot_file(client, run, out_dir: Path) -> str:
+    """The file a replay of ``run`` starts from: the snapshot it saved (its tag, else its artifact),
+    else its checkpoint (any checkpoint before the bad step is a snapshot)."""
+    from .errors import ConfigError
+
+    tags = run.data.tags
+    for key in ("forensics/snapshot", "gradlab.checkpoint"):
+        if tags.get(key) and Path(tags[key]).is_file():
+            return tags[key]
+    try:
+        return client.download_artifacts(run.info.run_id, "forensics/snapshot.pt", str(out_dir))
+    except Exception:  # noqa: BLE001 - any failure means the same: the run kept no snapshot
+        raise ConfigError("run_id", f"run {run.info.run_id} kept no snapshot or checkpoint to replay from "
+                                    "(give snapshot=<file>)") from None
+
+
+def after_the_fact(args, out_dir: Path) -> Findings:
+    """Investigate from a saved snapshot (``args``: gradlab.config.ForensicsRunConfig); logs into the run
+    when ``args.run_id`` is given."""
+    from mlflow.exceptions import MlflowException
+
+    from . import checkpoint
+    from .config import config_from_dict, resolve_device
+    from .data import DeviceData, load_splits
+    from .errors import ConfigError
+    from .tracking import RunLogger, ensure_store, run_name, tracking_uri
+    from .training import seed_everything
+
+    device, logger, path = resolve_device(args.device), None, args.snapshot
+    if args.run_id:
+        client = ensure_store(tracking_uri(args.tracking_uri))
+        try:
+            run = client.get_run(args.run_id)
+        except MlflowException:
+            raise ConfigError("run_id", f"no run {args.run_id} in {client.tracking_uri}") from None
+        logger = RunLogger(client, args.run_id)
+        path = path or snapshot_file(client, run, out_dir)
+    state = checkpoint.load(path, device, "snapshot")
+    cfg = config_from_dict(state["config"])
+    if args.step is not None:
+        bad = BadStep(args.step, "requested", args.step)
+    elif state.get("forensics"):
+        bad = BadStep(**state["forensics"])
+    else:
+        raise ConfigError("step", f"{path} names no bad step: give step=<n>")
+    if state["engine"]["step"] > bad.step:
+        raise ConfigError("step", f"{path} holds the state at step {state['engine']['step']}, after step {bad.step}: "
+                                  "nothing to replay from")
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)  # the flags; the RNG itself comes from the snapshot
+    splits = load_splits(cfg.data)
+    if splits["checksum"] != state["data_checksum"]:
+        raise ConfigError("snapshot", f"{path} was trained on data {state['data_checksum']}, the data here is "
+                                      f"{splits['checksum']}")
+    history = History()
+    history.load_state_dict(state["history"])
+    snap = {"step": state["engine"]["step"], "engine": state["engine"], "order": state["order"]}
+    data = DeviceData(splits["train_x"], splits["train_y"], device)
+    findings = investigate(cfg, snap, history, bad, data, device, Path(out_dir) / "forensics", args.top_k,
+                           run_name(cfg))
+    if logger is not None:
+        logger.set_tags(findings.tags())
+        for artifact in findings.artifacts:
+            logger.log_artifact(artifact, "forensics")
+    return findings
