@@ -21,7 +21,8 @@ def main(cfg) -> float:
     hydra_cfg = HydraConfig.get()
     result = train(cfg, Path(hydra_cfg.runtime.output_dir), overrides=list(hydra_cfg.overrides.task))
     state = "diverged at step %d" % result.diverged_at_step if result.diverged else "finished"
-    print(f"run {result.run_id} {state}: {result.steps} steps, val accuracy {result.val_accuracy:.4f}")
+    if result.rank == 0:  # under torchrun every rank returns the same record
+        print(f"run {result.run_id} {state}: {result.steps} steps, val accuracy {result.val_accuracy:.4f}")
     return result.val_accuracy
 
 

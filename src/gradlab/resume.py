@@ -27,7 +27,8 @@ from .tracking import config_hash, ensure_store, flatten, tracking_uri
 BUDGET_KEYS = ("trainer.max_steps", "trainer.epochs")  # the command may extend the run
 HOW_KEYS = ("trainer.device", "trainer.threads")  # the command may move it (kept unless set: they change the arithmetic)
 RUN_KEYS = ("trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress",
-            "telemetry.plots", "tracking.")  # where it writes: always the command's (tracking.* as a prefix)
+            "trainer.strategy", "telemetry.plots", "tracking.")  # where it writes and how it was launched:
+# always the command's (tracking.* as a prefix); a checkpoint resumes under any strategy and world size
 
 
 def _is_run_key(key: str) -> bool:

@@ -189,7 +189,8 @@ def run_name(cfg) -> str:
     return cfg.tracking.run_name or f"{cfg.model.name}-{stabilizer_label(cfg.stabilizer)}-s{cfg.seed}"
 
 
-ENV_TAGS = ("device", "torch_version", "threads", "cpu_capability")  # what decides the arithmetic besides the config
+ENV_TAGS = ("device", "torch_version", "threads", "cpu_capability", "parallel")  # what decides the arithmetic
+# besides the config (parallel: the strategy and world size, set by the trainer)
 
 
 def environment_tags(device) -> Dict[str, str]:
@@ -211,7 +212,8 @@ def run_tags(cfg, device, data_checksum: str) -> Dict[str, str]:
             **{str(k): str(v) for k, v in (cfg.tracking.tags or {}).items()}}
 
 
-RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress")  # besides tracking.*
+RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress",
+                     "trainer.strategy")  # besides tracking.*
 
 
 def config_hash(params: Dict[str, str]) -> str:
@@ -330,3 +332,17 @@ class RunLogger:
             self.close(status)
         except Exception:  # noqa: BLE001 - the original error is what the user must see
             self.closed = True
+
+
+class NullRun:
+    """The run as the ranks other than 0 see it under torchrun: its id, and nothing to log
+    (rank 0 logs the global values for all of them). Same methods as RunLogger's."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def _nothing(self, *args, **kwargs) -> None:
+        return None
+
+    log_points = log_metrics = log_params = set_tags = log_artifact = _nothing
+    flush = heartbeat = skip_logged = close = close_after_error = _nothing

@@ -4,6 +4,10 @@ Read ``Trainer.fit`` top to bottom: batches -> ``StepEngine.step`` -> flush the 
 every ``telemetry.log_every`` steps -> validate once per epoch -> stop at a divergence;
 then ``finish`` writes the summary, tags, plots and checkpoint.
 
+Under torchrun (``trainer.strategy=ddp|fsdp``, ``gradlab.distributed``) every rank runs this
+same loop on its slice of each batch; the values it records are global, so every rank takes
+the same decisions. Rank 0 alone talks to MLflow and writes the checkpoint and plots.
+
 Divergence is a result, not an error: a non-finite loss or gradient that was applied
 stops training, tags the run ``diverged=true`` with metric ``diverged_at_step``, keeps
 everything logged up to that step, and returns normally.
@@ -25,9 +29,9 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from . import checkpoint, plots
-from .config import check, resolve_device
-from .errors import ConfigError
+from . import checkpoint, distributed, plots
+from .config import check
+from .errors import ConfigError, StorageError
 from .data import DeviceData, EpochOrder, load_splits
 from .engine import StepEngine
 from .evaluation import evaluate_split
@@ -35,7 +39,7 @@ from .models import build_model
 from .stabilizers import stabilizer_label
 from .resume import BUDGET_KEYS, HOW_KEYS, resume_config, resume_key
 from .telemetry import DivergenceWatch, Explosion, detect_explosion
-from .tracking import ENV_TAGS, RunLogger, ensure_store, flatten, run_name, run_tags, tracking_uri
+from .tracking import ENV_TAGS, NullRun, RunLogger, ensure_store, flatten, run_name, run_tags, tracking_uri
 
 MAX_CONSECUTIVE_SKIPS = 100  # a run that skips this many steps in a row has diverged too
 
@@ -69,6 +73,7 @@ class TrainResult:
     explosion_first_layer: Optional[str]
     val_accuracy: float
     seconds_per_step: float
+    rank: int = 0  # under torchrun: this process's rank (every rank returns the same record)
 
 
 class StopSignal:
@@ -98,12 +103,12 @@ class StopSignal:
 class Trainer:
     """One run: the data on the device, the step engine, and the loop that drives it."""
 
-    def __init__(self, cfg, output_dir: Path):
+    def __init__(self, cfg, output_dir: Path, parallel: Optional[distributed.Parallel] = None):
         check(cfg)
         self.cfg, self.output_dir = cfg, Path(output_dir)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
-        self.device = resolve_device(cfg.trainer.device)
+        self.parallel, self.device = distributed.start(cfg.trainer.strategy, cfg.trainer.device)
         seed_everything(cfg.seed, cfg.trainer.deterministic)
         splits = load_splits(cfg.data, log=log)
         self.data_checksum = splits["checksum"]
@@ -112,8 +117,8 @@ class Trainer:
         self.order = EpochOrder(cfg.seed, len(self.train_data), cfg.trainer.batch_size)
         per_epoch = self.order.batches_per_epoch
         self.total_steps = min(cfg.trainer.epochs * per_epoch, cfg.trainer.max_steps or math.inf)
-        model = build_model(cfg.model, cfg.data).to(self.device)
-        self.engine = StepEngine(cfg, model, self.device, self.total_steps, per_epoch)
+        model = self.parallel.wrap(build_model(cfg.model, cfg.data).to(self.device), self.device)
+        self.engine = StepEngine(cfg, model, self.device, self.total_steps, per_epoch, self.parallel)
         self.divergence = DivergenceWatch(MAX_CONSECUTIVE_SKIPS)
         self.checkpoint_path = Path(cfg.trainer.checkpoint or self.output_dir / "model.pt").resolve()
         self.last_checkpoint = 0  # step of the latest crash-safety checkpoint
@@ -144,10 +149,10 @@ class Trainer:
                         self.engine.step(x, y)
                         if self.engine.recorder.full:
                             self.flush(run)
-                        if self.done or stop.signum:
+                        if self.done or self.stopping(stop):
                             break
-                    if stop.signum:
-                        self.stop(run, stop.signum, t0)
+                    if self.stopping(stop):
+                        self.stop(run, self.stopping(stop), t0)
                     self.flush(run)
                     if self.order.epoch_done and self.divergence.step is None:
                         self.end_epoch(run)
@@ -159,6 +164,15 @@ class Trainer:
             finally:
                 self.bar.close()
 
+    def stopping(self, stop: StopSignal) -> Optional[int]:
+        """The signal to stop for. One process stops at the next step; under torchrun the ranks
+        agree at each telemetry flush (a sync point already), so they all stop after the same step."""
+        if not self.parallel.active:
+            return stop.signum
+        if self.engine.recorder.pending_steps:
+            return None
+        return self.parallel.agree(stop.signum or 0) or None
+
     def stop(self, run: RunLogger, signum: int, t0: float) -> None:
         """Stopped by a signal: everything recorded goes to MLflow, a checkpoint to resume from, the
         run is KILLED (MLflow's status for it), and the process exits with 128 + the signal."""
@@ -167,6 +181,7 @@ class Trainer:
         name = signal.Signals(signum).name
         if self.divergence.step is None:
             self.checkpoint(run)
+        if self.divergence.step is None and self.parallel.main:
             log(f"gradlab: stopped by {name} at step {self.engine.step_count}: checkpoint {self.checkpoint_path}; "
                 f"continue with trainer.resume={self.checkpoint_path} (or trainer.resume=auto)")
         run.set_tags({"gradlab.stopped": f"{name} at step {self.engine.step_count}"})
@@ -174,14 +189,28 @@ class Trainer:
         raise SystemExit(128 + signum)
 
     def start_run(self) -> RunLogger:
-        """The MLflow run: a new one, or (resuming an interrupted run) the same run, which is sent
-        only the points it lacks; a finished run is never rewritten: its continuation is a new run."""
+        """The MLflow run, opened by rank 0 (``open_run``); the other ranks get a NullRun with its id."""
+        run = None
+        try:
+            if self.parallel.main:
+                run = self.open_run()
+        finally:  # every rank learns the run id, also when rank 0 failed to open the run (None)
+            self.run_id = self.parallel.share(run.run_id if run is not None else None)
+        if self.run_id is None:
+            raise StorageError("rank 0 could not open the MLflow run (its error above says why)")
+        interactive = self.cfg.trainer.progress and sys.stderr.isatty() and self.parallel.main
+        self.bar = tqdm(total=self.total_steps, initial=self.engine.step_count, disable=not interactive,
+                        dynamic_ncols=True)
+        return run if run is not None else NullRun(self.run_id)
+
+    def open_run(self) -> RunLogger:
+        """A new run, or (resuming an interrupted run) the same run, which is sent only the points
+        it lacks; a finished run is never rewritten: its continuation is a new run."""
         cfg, resumed = self.cfg, self.resumed
         uri = tracking_uri(cfg.tracking.uri)
         same = resumed is not None and run_is_open(uri, resumed["run_id"])
         run = RunLogger.start(uri, cfg.tracking.experiment, run_name(cfg), self.tags(), cfg.tracking.parent_run_id,
                               resumed["run_id"] if same else None)
-        self.run_id = run.run_id
         if same:
             run.skip_logged()
             run.set_tags({k: v for k, v in self.tags().items() if k.startswith("gradlab.") or k in ENV_TAGS})
@@ -194,14 +223,11 @@ class Trainer:
             run.set_tags(self.resume_tags(same))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        interactive = cfg.trainer.progress and sys.stderr.isatty()
-        self.bar = tqdm(total=self.total_steps, initial=self.engine.step_count, disable=not interactive,
-                        dynamic_ncols=True)
         return run
 
     def tags(self) -> dict:
         return {**run_tags(self.cfg, device=self.device, data_checksum=self.data_checksum),
-                "gradlab.checkpoint": str(self.checkpoint_path), "gradlab.resume_key": resume_key(self.cfg)}
+                "parallel": distributed.describe(self.parallel, self.device), "gradlab.checkpoint": str(self.checkpoint_path), "gradlab.resume_key": resume_key(self.cfg)}
 
     def resume_tags(self, same_run: bool) -> dict:
         before, now = flatten(self.resumed["config"]), flatten(self.cfg)
@@ -274,12 +300,13 @@ class Trainer:
         ckpt = self.save(self.checkpoint_path)
         run.log_artifact(self.output_dir / "config.yaml")
         run.log_artifact(ckpt, "checkpoint")
-        if cfg.telemetry.plots and h.steps:
+        if cfg.telemetry.plots and h.steps and self.parallel.main:
             for path in self.plot(run.run_id, explosion):
                 run.log_artifact(path, "plots")
         run.close("FINISHED")
-        return TrainResult(run.run_id, run.client.tracking_uri, ckpt, len(h.steps), at is not None, at,
-                           explosion.step, explosion.first_layer, self.last_val[1], summary["time/step_ms"] / 1000)
+        return TrainResult(run.run_id, tracking_uri(cfg.tracking.uri), ckpt, len(h.steps), at is not None, at,
+                           explosion.step, explosion.first_layer, self.last_val[1], summary["time/step_ms"] / 1000,
+                           self.parallel.rank)
 
     def summary(self, explosion: Explosion) -> tuple[dict, dict]:
         h, at = self.history, self.divergence.step
@@ -314,8 +341,12 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: Path) -> Path:
+        """The checkpoint, written by rank 0 (every rank calls this: FSDP gathers the state for it)."""
+        engine = self.engine.state_dict()
+        if not self.parallel.main:
+            return path
         return checkpoint.save(path, {
-            "config": OmegaConf.to_container(self.cfg, resolve=True), "engine": self.engine.state_dict(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True), "engine": engine,
             "order": self.order.state_dict(), "history": self.history.state_dict(), "step": len(self.history.steps),
             "train_seconds": self.train_seconds, "run_id": self.run_id, "tracking_uri": tracking_uri(self.cfg.tracking.uri),
             "data_checksum": self.data_checksum, "diverged_at_step": self.divergence.step,
@@ -352,6 +383,7 @@ def run_is_open(uri: str, run_id: str) -> bool:
 def train(cfg, output_dir: Path, overrides: Optional[Sequence[str]] = None) -> TrainResult:
     """Train one run. With ``trainer.resume``, the config is the checkpoint's (gradlab.resume);
     ``overrides`` (the command line's) tell which of its keys the user set."""
-    if cfg.trainer.resume:
-        cfg = resume_config(cfg, overrides)
+    if cfg.trainer.resume:  # under torchrun rank 0 decides (an MLflow query for auto), every rank follows
+        parallel, _ = distributed.start(cfg.trainer.strategy, cfg.trainer.device)
+        cfg = parallel.from_main(lambda: resume_config(cfg, overrides))
     return Trainer(cfg, output_dir).fit()
