@@ -269,6 +269,7 @@ def config_from_dict(saved: Dict[str, Any]):
         base = compose_config([f"data={saved['data']['name']}", f"model={saved['model']['name']}",
                                f"optimizer={saved['optimizer']['name']}", f"scheduler={saved['scheduler']['name']}",
                                f"stabilizer=[{','.join(chosen)}]"])
+        OmegaConf.set_struct(base.tracking.tags, False)  # free-form (a matrix child's matrix=..., matrix/cell=...)
         cfg = OmegaConf.merge(base, saved)
     except Exception as exc:  # noqa: BLE001 - whatever Hydra/OmegaConf says, it is the same problem
         raise ConfigError("config", f"the saved config does not fit this gradlab ({str(exc).splitlines()[0]})") from None

@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +62,7 @@ import yaml
 from .config import ConfigError, compose_config
 
 DEFAULT_EXPERIMENT = "gradlab-matrix"
+EXECUTORS = ("loop", "local", "slurm")  # local/slurm: gradlab.cluster
 
 
 # ---------------------------------------------------------------- the matrix definition
@@ -93,6 +95,7 @@ class MatrixSpec:
     seeds: List[int] = field(default_factory=lambda: [0])
     overrides: List[str] = field(default_factory=list)
     jobs: int = 1
+    executor: str = "loop"  # loop (this process), or local / slurm: submitit jobs (gradlab.cluster)
 
     def combinations(self) -> List[Combination]:
         out = []
@@ -137,7 +140,7 @@ def _overrides(value: Any, key: str) -> List[str]:
 
 
 def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
-    known = {"experiment", "scenarios", "stabilizers", "seeds", "overrides", "jobs"}
+    known = {"experiment", "scenarios", "stabilizers", "seeds", "overrides", "jobs", "executor"}
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"matrix.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(known))})")
@@ -152,10 +155,14 @@ def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
     jobs = d.get("jobs", 1) or 1
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError("matrix.jobs", f"must be an integer >= 1, got {jobs!r}")
+    executor = d.get("executor") or "loop"
+    if executor not in EXECUTORS:
+        raise ConfigError("matrix.executor", f"'{executor}' is not one of {', '.join(EXECUTORS)}")
     return MatrixSpec(experiment=str(d.get("experiment") or DEFAULT_EXPERIMENT),
                       scenarios=[_scenario(s) for s in scenarios],
                       stabilizers=[_stabilizer_value(s) for s in stabilizers],
-                      seeds=seeds, overrides=_overrides(d.get("overrides"), "matrix.overrides"), jobs=jobs)
+                      seeds=seeds, overrides=_overrides(d.get("overrides"), "matrix.overrides"), jobs=jobs,
+                      executor=executor)
 
 
 def load_spec(params_file: str | Path = "params.yaml") -> MatrixSpec:
@@ -174,8 +181,9 @@ def _finite(x: Optional[float]) -> Optional[float]:
 
 
 def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, parent_run_id: str,
-            uri: str, workdir: str, threads: Optional[int] = None) -> Dict:
-    """Train + evaluate one combination; returns its record (never raises for a failed run)."""
+            uri: str, workdir: str, threads: Optional[int] = None, resume: Optional[Path] = None) -> Dict:
+    """Train + evaluate one combination (continuing from ``resume``, the checkpoint of an
+    interrupted attempt); returns its record (never raises for a failed run)."""
     from .evaluation import evaluate
     from .runs import train_child
 
@@ -189,7 +197,7 @@ def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, 
     try:
         out_dir = Path(workdir) / f"run{combo.index:03d}"
         cfg, result = train_child([*combo.overrides, *spec_overrides], out_dir, parent_run_id, uri, experiment,
-                                  tags={"matrix": parent_run_id})
+                                  tags={"matrix": parent_run_id, "matrix/cell": combo.index}, resume=resume)
         record.update(run_id=result.run_id, steps=result.steps, diverged=result.diverged,
                       diverged_at_step=result.diverged_at_step, explosion_step=result.explosion_step,
                       val_accuracy=_finite(result.val_accuracy))
@@ -207,45 +215,73 @@ def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, 
 def _line(rec: Dict, total: int) -> str:
     head = f"[{rec['index'] + 1}/{total}] {rec['scenario']} stabilizer={rec['stabilizer']} seed={rec['seed']}:"
     if rec["status"] != "FINISHED":
-        return f"{head} FAILED ({rec.get('error')})"
+        return f"{head} {rec['status']} ({rec.get('error')})"
     state = f"diverged at step {rec['diverged_at_step']}" if rec["diverged"] else f"{rec['steps']} steps"
     acc = rec.get("test_accuracy")
     return f"{head} {state}, test accuracy {acc:.4f} ({rec['wall_seconds']:.1f}s)" if acc is not None else \
         f"{head} {state}, test accuracy n/a ({rec['wall_seconds']:.1f}s)"
 
 
+def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[[Dict], None]) -> List[Dict]:
+    """The in-process loop (``jobs`` > 1: joblib worker processes on this machine)."""
+    records: List[Dict] = []
+    with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
+        if jobs == 1:
+            for combo in combos:
+                records.append(run_one(combo, *args, workdir))
+                show(records[-1])
+        else:
+            from joblib import Parallel, delayed
+
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            for rec in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
+                    delayed(run_one)(c, *args, workdir, threads) for c in combos):
+                records.append(rec)
+                show(rec)
+    return records
+
+
+def _run_on_cluster(combos: List[Combination], args: tuple, cluster, workdir: Path, log: Callable[[str], None],
+                    show: Callable[[Dict], None]) -> List[Dict]:
+    """The cells as submitit jobs (gradlab.cluster); the cells' checkpoints are removed once every
+    cell is accounted for (each run keeps its own as an MLflow artifact), the records and job logs stay."""
+    from .cluster import run_cells
+
+    records = run_cells(combos, *args, workdir, cluster, log, on_record=show)
+    if all(r["status"] != "LOST" for r in records):
+        for run_dir in workdir.glob("run[0-9]*"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return records
+
+
 def run_matrix(spec: MatrixSpec, out_file: str | Path = "reports/matrix_runs.json", uri: Optional[str] = None,
-               jobs: Optional[int] = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Dict:
-    """Run every combination under one parent run; write and return the run list."""
+               jobs: Optional[int] = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+               cluster=None, workdir: Optional[str | Path] = None) -> Dict:
+    """Run every combination under one parent run, in this process (``cluster=None``) or as
+    submitit jobs (a ``gradlab.cluster.ClusterSpec``, working in ``workdir``, default
+    ``outputs/matrix/<parent run id>``: shared storage on a cluster); write and return the run list."""
     from .runs import ParentRun
 
     combos = spec.combinations()
     # fail on a bad definition before anything runs (and before any MLflow run exists)
     for combo in combos:
         compose_config([*combo.overrides, *spec.overrides])
-    jobs = max(1, jobs or spec.jobs)
+    jobs = max(1, jobs or (cluster.jobs if cluster else spec.jobs))
     params = {"scenarios": json.dumps([s.name for s in spec.scenarios]), "stabilizers": json.dumps(spec.stabilizers),
               "seeds": json.dumps(spec.seeds), "overrides": json.dumps(spec.overrides), "jobs": str(jobs),
-              "n_runs": str(len(combos))}
+              "n_runs": str(len(combos)), "executor": cluster.executor if cluster else "loop"}
     with ParentRun(uri, spec.experiment, f"matrix-{time.strftime('%Y%m%d-%H%M%S')}", "matrix", params) as parent:
         log(f"matrix: {len(combos)} runs ({len(spec.scenarios)} scenarios x {len(spec.stabilizers)} stabilizers x "
             f"{len(spec.seeds)} seeds), parent run {parent.run_id} in experiment '{spec.experiment}', {parent.uri}")
         t0 = time.perf_counter()
-        records: List[Dict] = []
-        with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
-            args = (spec.overrides, spec.experiment, parent.run_id, parent.uri, workdir)
-            if jobs == 1:
-                for combo in combos:
-                    records.append(run_one(combo, *args))
-                    log(_line(records[-1], len(combos)))
-            else:
-                from joblib import Parallel, delayed
-
-                threads = max(1, (os.cpu_count() or 1) // jobs)
-                for rec in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
-                        delayed(run_one)(c, *args, threads) for c in combos):
-                    records.append(rec)
-                    log(_line(rec, len(combos)))
+        args = (spec.overrides, spec.experiment, parent.run_id, parent.uri)
+        show = lambda rec: log(_line(rec, len(combos)))  # noqa: E731
+        if cluster is None:
+            records = _run_here(combos, args, jobs, show)
+        else:
+            cluster.jobs = jobs
+            folder = Path(workdir or Path("outputs") / "matrix" / parent.run_id).resolve()
+            records = _run_on_cluster(combos, args, cluster, folder, log, show)
         records.sort(key=lambda r: r["index"])
         failed = [r for r in records if r["status"] != "FINISHED"]
         wall = time.perf_counter() - t0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -31,6 +32,10 @@ from mlflow.entities import Metric, Param, RunTag
 from omegaconf import OmegaConf
 
 from .errors import StorageError
+
+# A failed asynchronous batch is raised again when the run is flushed (RunLogger.flush), where the CLI
+# reports it in one line; MLflow's queue would also print it, with its traceback text, as it happens.
+logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
 
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params/tags
@@ -253,7 +258,7 @@ class RunLogger:
             client.update_run(run_id, status="RUNNING")
             logger = cls(client, run_id)
         else:
-            tags = dict(tags)
+            tags = {k: str(v) for k, v in tags.items()}  # the REST store (an HTTP server) takes strings only
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
