@@ -9,7 +9,6 @@ another strategy and world size. One torchrun launch trains every 2-rank job
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, cli, cli_env, compose, history, one_line_error, tiny_overrides
+from conftest import ROOT, cli, cli_env, compose, history, in_dir, one_line_error, tiny_overrides
 from gradlab.training import train
 
 STABILIZERS = {  # settings under which each one acts within 24 steps of sgd at lr 0.3
@@ -51,9 +50,7 @@ def series(uri: str, run_id: str, key: str) -> tuple:
 def world(tmp_path_factory):
     """The 1-process references, then one torchrun launch with 2 gloo ranks that trains every job."""
     tmp = tmp_path_factory.mktemp("dist")
-    cwd = os.getcwd()
-    os.chdir(tmp)
-    try:
+    with in_dir(tmp):
         refs = {name: train(compose(overrides(tmp, f"ref-{name}", *extra)), tmp / f"ref-{name}")
                 for name, extra in STABILIZERS.items()}
         half = train(compose(overrides(tmp, "half-none", *STABILIZERS["clip"], steps=STEPS // 2)), tmp / "half")
@@ -64,17 +61,20 @@ def world(tmp_path_factory):
                                                               "trainer.strategy=fsdp", steps=STEPS // 2)},
                  {"name": "ddp-resumed", "overrides": overrides(tmp, "ddp-resumed", *STABILIZERS["clip"],
                                                                 "trainer.strategy=ddp", f"trainer.resume={half.checkpoint}")}]
-        (tmp / "jobs.json").write_text(json.dumps(jobs))
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(ROOT / "tests" / "dist_worker.py"), str(tmp / "jobs.json"), str(tmp / "out.json")],
-                              cwd=tmp, env=cli_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, "\n".join(ln for ln in proc.stderr.splitlines() if "rank1" not in ln)[-6000:]
-        ranks = json.loads((tmp / "out.json").read_text())
+        ranks = torchrun_jobs(tmp, jobs)
         resumed = train(compose(overrides(tmp, "none-resumed", *STABILIZERS["clip"],
                                           f"trainer.resume={tmp / 'fsdp-half.pt'}")), tmp / "none-resumed")
-    finally:
-        os.chdir(cwd)
-    return {"refs": refs, "ranks": ranks, "uri": refs["clip"].tracking_uri, "resumed": resumed, "log": proc.stderr}
+    return {"refs": refs, "ranks": ranks, "uri": refs["clip"].tracking_uri, "resumed": resumed}
+
+
+def torchrun_jobs(tmp: Path, jobs: list) -> dict:
+    """Every job trained by 2 gloo ranks in one torchrun launch (tests/dist_worker.py); rank 0's records."""
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "dist_worker.py"), str(tmp / "jobs.json"), str(tmp / "out.json")],
+                          cwd=tmp, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, "\n".join(ln for ln in proc.stderr.splitlines() if "rank1" not in ln)[-6000:]
+    return json.loads((tmp / "out.json").read_text())
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -38,6 +38,9 @@ Why an in-process loop (and not DVC matrix stages or a Hydra multirun)
   user-editable definition; DVC re-runs the matrix when it (or the code/data) changes and
   the report stage when the run list changes. DVC matrix stages would re-run single cells
   selectively, but they also cache per cell and fragment the MLflow bookkeeping.
+* **A cluster when one machine is not enough**: ``executor: local|slurm`` hands the cells to
+  submitit in ``jobs`` jobs instead (``gradlab.cluster``), with the same parent run, records and
+  run list.
 * **Parallelism is optional**: ``jobs: N`` runs the combinations in N worker processes
   (joblib/loky, ``torch`` threads split between them); the store is created before the
   workers start, so they never race on SQLite migrations. The default ``jobs: 1`` uses
