@@ -8,7 +8,7 @@ EXTRAS ?= dev
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install repro test test-slow ui bench clean
+.PHONY: install install-cluster repro test test-slow test-cluster server server-stop ui bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the scale-out engines (psycopg for PostgreSQL, submitit); PostgreSQL itself: apt-get install postgresql
+CLUSTER_STAMP := $(VENV)/.installed-cluster
+$(CLUSTER_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev,cluster]'
+	touch $(CLUSTER_STAMP)
+
+install-cluster: $(CLUSTER_STAMP)
+
 repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
@@ -27,6 +35,15 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+test-cluster: $(CLUSTER_STAMP)   # PostgreSQL + mlflow server, submitit jobs, torchrun (README: Scaling out)
+	$(PY) -m pytest -q -rs -m cluster
+
+server: $(CLUSTER_STAMP)   # mlflow server on PostgreSQL in .server/ (then: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000)
+	$(PY) -m gradlab.server start --dir .server
+
+server-stop: $(STAMP)
+	$(PY) -m gradlab.server stop --dir .server
 
 ui: $(STAMP)
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the Model-training view)"

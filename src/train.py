@@ -25,9 +25,10 @@ def main(cfg) -> float:
     from gradlab.tracking import ui_url
 
     state = "diverged at step %d" % result.diverged_at_step if result.diverged else "finished"
-    print(f"run {result.run_id} {state}: {result.steps} steps, val accuracy {result.val_accuracy:.4f}")
-    experiment = MlflowClient(result.tracking_uri).get_run(result.run_id).info.experiment_id
-    print(f"  in the MLflow UI: {ui_url(result.tracking_uri, experiment, result.run_id)}")
+    if result.rank == 0:  # under torchrun every rank returns the same record
+        print(f"run {result.run_id} {state}: {result.steps} steps, val accuracy {result.val_accuracy:.4f}")
+        experiment = MlflowClient(result.tracking_uri).get_run(result.run_id).info.experiment_id
+        print(f"  in the MLflow UI: {ui_url(result.tracking_uri, experiment, result.run_id)}")
     return result.val_accuracy
 
 

@@ -10,6 +10,7 @@ mlruns/, outputs/) lands in the repository.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -109,6 +110,17 @@ def _isolate(tmp_path, monkeypatch):
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     else:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+@contextlib.contextmanager
+def in_dir(path: Path):
+    """Work in ``path`` for a block (module-scoped fixtures: the autouse chdir is per test)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(old)
 
 
 # ---------------------------------------------------------------- tiny runs

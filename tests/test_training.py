@@ -333,3 +333,14 @@ def test_real_mnist_preset_explodes_and_clip_rescues_it(tmp_path, preset):
     assert none.explosion_step is not None
     clipped, clip_acc = results["clip"]
     assert not clipped.diverged and clip_acc >= 0.9
+
+
+def test_a_run_with_free_form_tags_resumes(tmp_path):
+    """A matrix or search child carries tracking.tags (matrix=..., matrix/cell=...); its checkpoint
+    resumes like any other (a matrix cell whose job died continues from it)."""
+    cfg = tiny_cfg(tmp_path, steps=6)
+    cfg.tracking.tags = {"matrix": "parent", "matrix/cell": 3}
+    first = train(cfg, tmp_path / "first")
+    again = train(tiny_cfg(tmp_path, f"trainer.resume={first.checkpoint}", steps=10), tmp_path / "again")
+    assert again.steps == 10
+    assert [s for s, _ in history(first.tracking_uri, again.run_id, "grad/norm")] == list(range(10))

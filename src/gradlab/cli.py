@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from typing import Callable, List, NoReturn, Optional
 
@@ -69,12 +70,24 @@ def describe_io_error(exc: BaseException) -> Optional[str]:
         return f"{where}{exc.strerror}. Free space or fix the path's permissions; what was logged before is kept."
     from mlflow.exceptions import MlflowException
 
+    if isinstance(exc, MlflowException) and str(exc).startswith("API request to"):
+        return server_gone(str(exc))
     if isinstance(exc, MlflowException):
         text = str(exc).lower()
         if any(s in text for s in ("disk is full", "readonly database", "unable to open database", "disk i/o")):
             return (f"the MLflow store failed to write ({str(exc).splitlines()[0][:200]}). Free space or choose a "
                     "writable tracking.uri; what was logged before is kept.")
     return None
+
+
+def server_gone(text: str) -> str:
+    """One line for a tracking server that stopped answering mid-run (after MLflow's bounded retries)."""
+    server = re.match(r"API request to (\S+?//[^/\s]+)(\S*)", text)
+    reasons = (re.search(p, text) for p in (r"\[Errno [^\]]+\][^\"')]*", r"Read timed out", r"too many \d+ error"))
+    why = next((m.group(0).strip() for m in reasons if m), text[:160])
+    return (f"the tracking server {server.group(1)} stopped answering ({why} "
+            f"on {server.group(2) or '/'}). What reached it is kept; when it is back, run the same command with "
+            "trainer.resume=auto to continue from the last checkpoint.")
 
 
 def task(fn: Callable) -> Callable:

@@ -20,7 +20,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from . import models, optim, stabilizers
+from . import distributed, models, optim, stabilizers
 from .data import DataConfig
 from .errors import ConfigError
 from .forensics import ForensicsConfig
@@ -36,6 +36,7 @@ GROUPS: Dict[str, Registry] = {"model": MODELS, "optimizer": OPTIMIZERS, "schedu
 # (stabilizer.clip.max_norm); unselected ones are null. Fields follow the registry's run order.
 StabilizerConfig = make_dataclass(
     "StabilizerConfig", [(e.name, Optional[e.schema], None) for e in STABILIZERS], bases=(Schema,))
+StabilizerConfig.__module__ = __name__  # a config pickles (torchrun's ranks share a resumed one)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainerConfig(Schema):
     threads: int = 0  # torch intra-op threads (0: torch's default, one per core); results depend on it
     progress: bool = True  # progress bar (only on a terminal)
     preflight: bool = False  # the preflight report (gradlab.preflight) before the first update
+    strategy: str = choice(*distributed.STRATEGIES)  # data parallel under torchrun: ddp | fsdp (FSDP2)
 
     def check(self) -> None:
         need(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
@@ -74,6 +76,10 @@ class TrainerConfig(Schema):
         check_device(self.device, "device")
         need(self.precision != "fp16" or resolve_device(self.device).type == "cuda", "precision",
              "fp16 needs CUDA (use bf16 or 32 on the CPU)")
+        missing = distributed.missing_launch_env()
+        need(self.strategy == "none" or not missing, "strategy",
+             f"{self.strategy} needs torchrun's environment ({', '.join(missing)} not set): launch with "
+             f"torchrun --nproc_per_node=N src/train.py trainer.strategy={self.strategy} ...")
 
 
 @dataclass
@@ -113,6 +119,11 @@ class Config(Schema):
                  "stabilizer.spam.reset_interval", "onecycle sets the LR from scratch every step, so SPAM's "
                  "warm-up after a reset cannot multiply it: use another scheduler or reset_interval=null")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        if self.trainer.strategy == "fsdp":  # sharded weights: what needs them whole is not supported
+            need(self.loss.l1 == 0, "loss.l1", "the L1 penalty needs the whole weights: not with trainer.strategy=fsdp "
+                                               "(use ddp)")
+            need(self.trainer.precision != "fp16", "trainer.precision",
+                 "fp16's GradScaler is not supported with trainer.strategy=fsdp (use bf16)")
 
 
 @dataclass
@@ -285,10 +296,13 @@ def config_from_dict(saved: Dict[str, Any]):
     are selected by name, then every saved value is merged in. Raises ConfigError when the saved
     config does not fit this gradlab (an option or key that no longer exists)."""
     chosen = [name for name, node in saved.get("stabilizer", {}).items() if node is not None] or ["none"]
+    # how a process was launched is not part of the experiment: the next command's strategy applies
+    saved = {**saved, "trainer": {k: v for k, v in saved.get("trainer", {}).items() if k != "strategy"}}
     try:
         base = compose_config([f"data={saved['data']['name']}", f"model={saved['model']['name']}",
                                f"optimizer={saved['optimizer']['name']}", f"scheduler={saved['scheduler']['name']}",
                                f"stabilizer=[{','.join(chosen)}]"])
+        OmegaConf.set_struct(base.tracking.tags, False)  # free-form (a matrix child's matrix=..., matrix/cell=...)
         cfg = OmegaConf.merge(base, saved)
     except Exception as exc:  # noqa: BLE001 - whatever Hydra/OmegaConf says, it is the same problem
         raise ConfigError("config", f"the saved config does not fit this gradlab ({str(exc).splitlines()[0]})") from None

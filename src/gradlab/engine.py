@@ -3,7 +3,9 @@
 forward (under autocast) -> loss -> backward (GradScaler-scaled) -> unscale -> the
 stabilizer pipeline -> the update (undone where a stabilizer skips it) -> one telemetry
 row into the device buffer (the part after backward is ``UpdatePipeline``, which
-``gradlab.monitor`` also drives around a user's own step). Mixed precision is always "on"
+``gradlab.monitor`` also drives around a user's own step). Under torchrun (``gradlab.distributed``)
+each rank takes its slice of the global batch, and the loss the stabilizers and telemetry see is the
+global one. Mixed precision is always "on"
 as objects: with ``precision=32`` autocast is disabled and the GradScaler is torch's disabled scaler,
 whose calls are no-ops, so the step has no precision branches. The engine owns all of
 its state in one ``state_dict``.
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import SINGLE, Parallel
 from .optim import Schedule, build_optimizer
 from .stabilizers import GradStep, StabilizerStack, UpdateSnapshot
 from .telemetry import Recorder
@@ -70,10 +73,11 @@ class UpdatePipeline:
 class StepEngine:
     """Model, optimizer, schedule, AMP, stabilizers and the telemetry buffer of one run."""
 
-    def __init__(self, cfg, model: nn.Module, device: torch.device, total_steps: int, steps_per_epoch: int):
-        self.model, self.device = model, device
+    def __init__(self, cfg, model: nn.Module, device: torch.device, total_steps: int, steps_per_epoch: int,
+                 parallel: Parallel = SINGLE):
+        self.model, self.device, self.parallel = model, device, parallel
         self.loss_cfg = cfg.loss
-        self.stack = StabilizerStack(cfg.stabilizer, model, device)
+        self.stack = StabilizerStack(cfg.stabilizer, parallel.unwrap(model), device)
         self.optimizer = build_optimizer(cfg.optimizer, model.parameters(), device, capturable=self.stack.skips)
         self.stack.bind(self.optimizer)  # for stabilizers that read the optimizer's state (spam)
         warmup = cfg.stabilizer.warmup.steps if cfg.stabilizer.get("warmup") is not None else None
@@ -91,49 +95,55 @@ class StepEngine:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One optimizer step; everything it records stays on the device."""
+        """One optimizer step on the global batch ``x, y``; everything it records stays on the device."""
+        n = len(y)
+        x, y, weight = self.parallel.shard(x, y)
         self.optimizer.zero_grad(set_to_none=False)
         with self.autocast():
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.loss_cfg.label_smoothing)
         objective = loss + self.loss_cfg.l1 * l1_penalty(self.model) if self.loss_cfg.l1 > 0 else loss
-        self.scaler.scale(objective).backward()
+        self.scaler.scale(objective * weight if weight != 1.0 else objective).backward()
         self.scaler.unscale_(self.optimizer)  # stabilizers must see true gradients
-        if self.pipeline.begin(loss, self.step_count, self.schedule.lr):
+        if self.pipeline.begin(self.parallel.global_loss(loss, weight), self.step_count, self.schedule.lr):
             self.scaler.step(self.optimizer)
         not_applied = None
         if self.scaler.is_enabled():
             not_applied = ~torch.isfinite(self.pipeline.pending.gs.pre_norm)  # what GradScaler skips
             self.scaler.update()
-        self.correct += (logits.detach().argmax(1) == y).sum()
-        self.seen += len(y)
+        self.correct += (logits.detach().argmax(1) == y).sum()  # this rank's
+        self.seen += n  # all ranks'
         self.pipeline.end(not_applied)
         self.schedule.step()
         self.step_count += 1
 
     def reset_epoch_accuracy(self) -> float:
         """This epoch's training accuracy (one host read, at the epoch's end), then start counting again."""
-        accuracy = float(self.correct) / max(self.seen, 1)
+        accuracy = float(self.parallel.sum(self.correct)) / max(self.seen, 1)
         self.correct.zero_()
         self.seen = 0
         return accuracy
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """Everything a resume needs, in the single-process layout (under FSDP every rank must call
+        this: it gathers the shards; rank 0 gets the state)."""
+        return {"model": self.parallel.model_state(self.model),
+                "optimizer": self.parallel.optimizer_state(self.model, self.optimizer),
                 "stabilizers": self.stack.state_dict(), "schedule": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step_count, "correct": self.correct.cpu(),
+                "scaler": self.scaler.state_dict(), "step": self.step_count,
+                "correct": self.parallel.sum(self.correct).cpu(),
                 "seen": self.seen, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_model_state(self.model, state["model"])
+        self.parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.stack.load_state_dict(state["stabilizers"])
         self.schedule.load_state_dict(state["schedule"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step_count, self.seen = state["step"], state["seen"]
-        self.correct.copy_(state["correct"])
+        self.correct.copy_(state["correct"] if self.parallel.main else 0)  # all ranks' count, held once
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -53,6 +53,9 @@ Why an in-process loop (and not DVC matrix stages or a Hydra multirun)
   user-editable definition; DVC re-runs the matrix when it (or the code/data) changes and
   the report stage when the run list changes. DVC matrix stages would re-run single cells
   selectively, but they also cache per cell and fragment the MLflow bookkeeping.
+* **A cluster when one machine is not enough**: ``executor: local|slurm`` hands the cells to
+  submitit in ``jobs`` jobs instead (``gradlab.cluster``), with the same parent run, records and
+  run list.
 * **Parallelism is optional**: ``jobs: N`` runs the combinations in N worker processes
   (joblib/loky, ``torch`` threads split between them); the store is created before the
   workers start, so they never race on SQLite migrations. The default ``jobs: 1`` uses
@@ -64,6 +67,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -79,6 +83,7 @@ from .remedies import Remedy, define_all, overrides_list, resolve, stabilizer_re
 
 DEFAULT_EXPERIMENT = "gradlab-matrix"
 NONE = stabilizer_remedy("none")
+EXECUTORS = ("loop", "local", "slurm")  # local/slurm: gradlab.cluster
 
 
 # ---------------------------------------------------------------- the matrix definition
@@ -112,6 +117,7 @@ class MatrixSpec:
     seeds: List[int] = field(default_factory=lambda: [0])
     overrides: List[str] = field(default_factory=list)
     jobs: int = 1
+    executor: str = "loop"  # loop (this process), or local / slurm: submitit jobs (gradlab.cluster)
 
     def remedies_of(self, scenario: Scenario) -> List[Remedy]:
         return list(self.remedies.values()) if scenario.remedies is None else scenario.remedies
@@ -147,7 +153,7 @@ def _scenario(value: Any, spec: MatrixSpec) -> Scenario:
 
 
 def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
-    known = {"experiment", "scenarios", "remedies", "stabilizers", "seeds", "overrides", "jobs"}
+    known = {"experiment", "scenarios", "remedies", "stabilizers", "seeds", "overrides", "jobs", "executor"}
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"matrix.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(known))})")
@@ -161,9 +167,12 @@ def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
     jobs = d.get("jobs", 1) or 1
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError("matrix.jobs", f"must be an integer >= 1, got {jobs!r}")
+    executor = d.get("executor") or "loop"
+    if executor not in EXECUTORS:
+        raise ConfigError("matrix.executor", f"'{executor}' is not one of {', '.join(EXECUTORS)}")
     spec = MatrixSpec(experiment=str(d.get("experiment") or DEFAULT_EXPERIMENT),
                       remedies=define_all(d.get("stabilizers"), d.get("remedies")), seeds=seeds,
-                      overrides=overrides_list(d.get("overrides"), "matrix.overrides"), jobs=jobs)
+                      overrides=overrides_list(d.get("overrides"), "matrix.overrides"), jobs=jobs, executor=executor)
     spec.scenarios = [_scenario(s, spec) for s in scenarios]
     return spec
 
@@ -224,8 +233,9 @@ def _finite(x: Optional[float]) -> Optional[float]:
 
 
 def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, parent_run_id: str,
-            uri: str, workdir: str, threads: Optional[int] = None) -> Dict:
-    """Train + evaluate one combination; returns its record (never raises for a failed run)."""
+            uri: str, workdir: str, threads: Optional[int] = None, resume: Optional[Path] = None) -> Dict:
+    """Train + evaluate one combination (continuing from ``resume``, the checkpoint of an
+    interrupted attempt); returns its record (never raises for a failed run)."""
     from .evaluation import evaluate
     from .runs import train_child
 
@@ -241,7 +251,8 @@ def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, 
         out_dir = Path(workdir) / f"run{combo.index:03d}"
         cfg, result = train_child([*combo.overrides, *spec_overrides], out_dir, parent_run_id, uri, experiment,
                                   run_name=f"{combo.scenario.name}-{combo.remedy.name}-s{combo.seed}",
-                                  tags={"matrix": parent_run_id, **combo.remedy.tags()})
+                                  tags={"matrix": parent_run_id, "matrix/cell": combo.index, **combo.remedy.tags()},
+                                  resume=resume)
         record.update(run_id=result.run_id, steps=result.steps, diverged=result.diverged,
                       diverged_at_step=result.diverged_at_step, explosion_step=result.explosion_step,
                       val_accuracy=_finite(result.val_accuracy))
@@ -259,19 +270,19 @@ def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, 
 def _line(rec: Dict, total: int) -> str:
     head = f"[{rec['index'] + 1}/{total}] {rec['scenario']} remedy={rec['remedy']} seed={rec['seed']}:"
     if rec["status"] != "FINISHED":
-        return f"{head} FAILED ({rec.get('error')})"
+        return f"{head} {rec['status']} ({rec.get('error')})"
     state = f"diverged at step {rec['diverged_at_step']}" if rec["diverged"] else f"{rec['steps']} steps"
     acc = rec.get("test_accuracy")
     return f"{head} {state}, test accuracy {acc:.4f} ({rec['wall_seconds']:.1f}s)" if acc is not None else \
         f"{head} {state}, test accuracy n/a ({rec['wall_seconds']:.1f}s)"
 
 
-def _parent_params(spec: MatrixSpec, combos: List[Combination], jobs: int) -> Dict[str, str]:
+def _parent_params(spec: MatrixSpec, combos: List[Combination], jobs: int, executor: str) -> Dict[str, str]:
     used = {r.name: list(r.overrides) for _, r in spec.cells()}
     return {"scenarios": json.dumps([s.name for s in spec.scenarios]), "remedies": json.dumps(used),
             "cells": json.dumps({sc.name: [r.name for r in spec.remedies_of(sc)] for sc in spec.scenarios}),
             "seeds": json.dumps(spec.seeds), "overrides": json.dumps(spec.overrides), "jobs": str(jobs),
-            "n_runs": str(len(combos))}
+            "n_runs": str(len(combos)), "executor": executor}
 
 
 def _log_not_applicable(parent, cells: List[Dict]) -> None:
@@ -282,39 +293,65 @@ def _log_not_applicable(parent, cells: List[Dict]) -> None:
         parent.logger.log_artifact(path, "matrix")
 
 
-def _train_all(combos: List[Combination], args: tuple, jobs: int, log: Callable[[str], None]) -> List[Dict]:
+def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[[Dict], None]) -> List[Dict]:
+    """The in-process loop (``jobs`` > 1: joblib worker processes on this machine)."""
     records: List[Dict] = []
-    if jobs == 1:
-        for combo in combos:
-            records.append(run_one(combo, *args))
-            log(_line(records[-1], len(combos)))
-        return records
-    from joblib import Parallel, delayed
+    with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
+        if jobs == 1:
+            for combo in combos:
+                records.append(run_one(combo, *args, workdir))
+                show(records[-1])
+        else:
+            from joblib import Parallel, delayed
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    for rec in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
-            delayed(run_one)(c, *args, threads) for c in combos):
-        records.append(rec)
-        log(_line(rec, len(combos)))
-    return sorted(records, key=lambda r: r["index"])
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            for rec in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
+                    delayed(run_one)(c, *args, workdir, threads) for c in combos):
+                records.append(rec)
+                show(rec)
+    return records
+
+
+def _run_on_cluster(combos: List[Combination], args: tuple, cluster, workdir: Path, log: Callable[[str], None],
+                    show: Callable[[Dict], None]) -> List[Dict]:
+    """The cells as submitit jobs (gradlab.cluster); the cells' checkpoints are removed once every
+    cell is accounted for (the records and job logs stay)."""
+    from .cluster import run_cells
+
+    records = run_cells(combos, *args, workdir, cluster, log, on_record=show)
+    if all(r["status"] != "LOST" for r in records):
+        for run_dir in workdir.glob("run[0-9]*"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return records
 
 
 def run_matrix(spec: MatrixSpec, out_file: str | Path = "reports/matrix_runs.json", uri: Optional[str] = None,
-               jobs: Optional[int] = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Dict:
-    """Run every applicable combination under one parent run; write and return the run list."""
+               jobs: Optional[int] = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+               cluster=None, workdir: Optional[str | Path] = None) -> Dict:
+    """Run every applicable combination under one parent run, in this process (``cluster=None``) or
+    as submitit jobs (a ``gradlab.cluster.ClusterSpec``, working in ``workdir``, default
+    ``outputs/matrix/<parent run id>``: shared storage on a cluster); write and return the run list."""
     from .runs import ParentRun
 
     combos, not_applicable = plan(spec, log)  # a bad definition fails here, before any MLflow run exists
-    jobs = max(1, jobs or spec.jobs)
+    jobs = max(1, jobs or (cluster.jobs if cluster else spec.jobs))
+    executor = cluster.executor if cluster else "loop"
     with ParentRun(uri, spec.experiment, f"matrix-{time.strftime('%Y%m%d-%H%M%S')}", "matrix",
-                   _parent_params(spec, combos, jobs)) as parent:
+                   _parent_params(spec, combos, jobs, executor)) as parent:
         _log_not_applicable(parent, not_applicable)
         log(f"matrix: {len(combos)} runs ({len(spec.scenarios)} scenarios, {len(spec.cells())} scenario x remedy "
             f"cells of which {len(not_applicable)} not applicable, {len(spec.seeds)} seeds), parent run "
             f"{parent.run_id} in experiment '{spec.experiment}', {parent.uri}")
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
-            records = _train_all(combos, (spec.overrides, spec.experiment, parent.run_id, parent.uri, workdir), jobs, log)
+        args = (spec.overrides, spec.experiment, parent.run_id, parent.uri)
+        show = lambda rec: log(_line(rec, len(combos)))  # noqa: E731
+        if cluster is None:
+            records = _run_here(combos, args, jobs, show)
+        else:
+            cluster.jobs = jobs
+            folder = Path(workdir or Path("outputs") / "matrix" / parent.run_id).resolve()
+            records = _run_on_cluster(combos, args, cluster, folder, log, show)
+        records.sort(key=lambda r: r["index"])
         failed = [r for r in records if r["status"] != "FINISHED"]
         wall = time.perf_counter() - t0
         parent.logger.log_metrics({"runs/finished": len(records) - len(failed), "runs/failed": len(failed),

@@ -138,13 +138,13 @@ def select_runs(runs_file: Optional[str | Path] = None, parent: Optional[str] = 
     if sum(x is not None for x in (runs_file, parent, experiment)) > 1:
         raise ReportError("select runs by one of a run list, --parent or --experiment")
     clauses = [filter_string] if filter_string else []
-    listed: Optional[set] = None
+    listed: Optional[Dict[str, int]] = None
     notes: List[str] = []
     if runs_file is not None:
         doc = read_run_list(runs_file)
         uri = uri or doc.get("tracking_uri")
         parent = doc["parent_run_id"]
-        listed = set(doc["run_ids"])
+        listed = {run_id: i for i, run_id in enumerate(doc["run_ids"])}  # the matrix's cell order
         notes += [f"failed in the matrix: {r.get('scenario')} remedy={r.get('remedy')} seed={r.get('seed')} "
                   f"({r.get('error', 'no error recorded')})" for r in doc.get("failed", [])]
         source = f"runs listed in {runs_file} (parent run {parent})"
@@ -182,6 +182,8 @@ def select_runs(runs_file: Optional[str | Path] = None, parent: Optional[str] = 
         runs.append(run)
     if not runs:
         raise ReportError(f"no finished training runs match {source} in {uri}")
+    if listed is not None:  # the run list's order, not the start order (parallel jobs interleave)
+        runs.sort(key=lambda r: listed[r.info.run_id])
     whole = parent if not filter_string else None
     return Selection(uri, runs, source, whole, notes, read_not_applicable(uri, whole) if whole else [])
 

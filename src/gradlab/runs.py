@@ -46,13 +46,16 @@ class ParentRun:
 
 
 def child_config(overrides: Sequence[str], out_dir: Path, parent_run_id: str, uri: str, experiment: str,
-                 run_name: Optional[str] = None, tags: Optional[Dict[str, Any]] = None):
+                 run_name: Optional[str] = None, tags: Optional[Dict[str, Any]] = None, resume: Optional[Path] = None):
     """The checked config of a child run. Children keep their checkpoint locally, not as an artifact
     (a 72-run matrix would store hundreds of MB), unless ``trainer.log_checkpoint=true`` is given.
     Paths, the URI and names are set on the composed config rather than passed as overrides: no
-    Hydra quoting trouble with odd characters."""
+    Hydra quoting trouble with odd characters. ``resume``: the checkpoint an interrupted child
+    continues from."""
     cfg = compose_config(["trainer.log_checkpoint=false", *overrides])  # an explicit override still wins
     OmegaConf.update(cfg, "trainer.checkpoint", str(Path(out_dir) / "model.pt"))
+    if resume is not None:
+        OmegaConf.update(cfg, "trainer.resume", str(resume))
     OmegaConf.update(cfg, "tracking.uri", uri)
     OmegaConf.update(cfg, "tracking.experiment", experiment)
     OmegaConf.update(cfg, "tracking.parent_run_id", parent_run_id)
@@ -63,9 +66,10 @@ def child_config(overrides: Sequence[str], out_dir: Path, parent_run_id: str, ur
 
 
 def train_child(overrides: Sequence[str], out_dir: Path, parent_run_id: str, uri: str, experiment: str,
-                run_name: Optional[str] = None, tags: Optional[Dict[str, Any]] = None) -> Tuple[Any, Any]:
+                run_name: Optional[str] = None, tags: Optional[Dict[str, Any]] = None,
+                resume: Optional[Path] = None) -> Tuple[Any, Any]:
     """Compose and train one child run; returns (config, TrainResult)."""
     from .training import train
 
-    cfg = child_config(overrides, out_dir, parent_run_id, uri, experiment, run_name, tags)
+    cfg = child_config(overrides, out_dir, parent_run_id, uri, experiment, run_name, tags, resume)
     return cfg, train(cfg, Path(out_dir))

@@ -25,14 +25,15 @@ from torch import nn
 from torch.nn.utils import clip_grad_value_, clip_grads_with_norm_, get_total_norm
 
 from .optim import adam_moments
+from .distributed import plain, tensor_norms
 from .registry import STABILIZERS, Schema, choice, infinite_ok, need
 
 EPS = 1e-6  # the denominator guard torch's clip_grad_norm_ (and ZClip's, AdaGC's references) use
 
 
 def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all gradients together, fused (one multi-tensor kernel)."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    """L2 norm of all gradients together, fused (one multi-tensor kernel); global under FSDP."""
+    return torch.linalg.vector_norm(torch.stack(tensor_norms(grads)))
 
 
 def norm_clip_coef(threshold, norm: torch.Tensor) -> torch.Tensor:
@@ -206,7 +207,8 @@ class ClipNorm(Stabilizer):
         self.max_norm, self.norm_type = float(max_norm), float(norm_type)
 
     def apply(self, step):
-        norm = step.current_norm() if self.norm_type == 2.0 else get_total_norm(step.grads, self.norm_type, foreach=True)
+        norm = step.current_norm() if self.norm_type == 2.0 else \
+            plain(get_total_norm(step.grads, self.norm_type, foreach=True))  # FSDP: torch reduces the shards
         clip_grads_with_norm_(self.params, self.max_norm, norm, foreach=True)
         step.scaled(norm_clip_coef(self.max_norm, norm))
 
@@ -680,7 +682,7 @@ class StabilizerStack:
     # -- gradients
     def process(self, loss: torch.Tensor) -> GradStep:
         grads = [p.grad for p in self.params]
-        per_tensor = torch._foreach_norm(grads)
+        per_tensor = tensor_norms(grads)  # under FSDP: the shards' norms combined, the same on every rank
         pre = torch.linalg.vector_norm(torch.stack(per_tensor))
         step = GradStep(loss=loss, grads=grads, per_tensor=per_tensor, pre_norm=pre, norm=pre)
         for s in self.stabilizers:

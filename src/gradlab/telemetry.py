@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .distributed import tensor_norms
 from .registry import Schema, need
 
 # The per-step series, named once and in row order: each reads its device scalar from the
@@ -178,9 +179,9 @@ class Recorder:
         n = len(self.layers)
         parts = [torch.stack([read(gs) for read in STEP_METRICS.values()]), layer_norms(gs.per_tensor, self.index, n)]
         if old_params is not None:
-            delta = torch._foreach_norm(torch._foreach_sub([p.detach() for p in params], old_params))
+            delta = tensor_norms(torch._foreach_sub([p.detach() for p in params], old_params))
             d = layer_norms(delta, self.index, n)
-            w = layer_norms(torch._foreach_norm([p.detach() for p in params]), self.index, n)
+            w = layer_norms(tensor_norms([p.detach() for p in params]), self.index, n)
             parts.append(d / w.clamp(min=1e-12))
         row = torch.cat(parts)
         self.buf[len(self.pending_steps), : len(row)].copy_(row)

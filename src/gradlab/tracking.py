@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -32,6 +33,10 @@ from mlflow.entities import Metric, Param, RunTag
 from omegaconf import OmegaConf
 
 from .errors import StorageError
+
+# A failed asynchronous batch is raised again when the run is flushed (RunLogger.flush), where the CLI
+# reports it in one line; MLflow's queue would also print it, with its traceback text, as it happens.
+logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
 
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params/tags
@@ -213,7 +218,8 @@ def run_name(cfg) -> str:
     return cfg.tracking.run_name or f"{cfg.model.name}-{stabilizer_label(cfg.stabilizer)}-s{cfg.seed}"
 
 
-ENV_TAGS = ("device", "torch_version", "threads", "cpu_capability")  # what decides the arithmetic besides the config
+ENV_TAGS = ("device", "torch_version", "threads", "cpu_capability", "parallel")  # what decides the arithmetic
+# besides the config (parallel: the strategy and world size, set by the trainer)
 
 
 def environment_tags(device) -> Dict[str, str]:
@@ -256,7 +262,7 @@ def run_tags(cfg, device, data_checksum: str) -> Dict[str, str]:
 
 DERIVED_PARAMS = ("stabilizer",)  # logged beside the config for MLflow's views; not config keys themselves
 RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress",
-                     "trainer.log_checkpoint", "trainer.log_model")  # besides tracking.*
+                     "trainer.log_checkpoint", "trainer.log_model", "trainer.strategy")  # besides tracking.*
 
 
 def config_hash(params: Dict[str, str]) -> str:
@@ -296,7 +302,9 @@ class RunLogger:
             client.update_run(run_id, status="RUNNING")
             logger = cls(client, run_id)
         else:
-            tags = {**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+            tags = {k: str(v) for k, v in tags.items()}  # the REST store (an HTTP server) takes strings only
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
             run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
             logger = cls(client, run.info.run_id)
             if unique_name:
@@ -386,3 +394,17 @@ class RunLogger:
             self.close(status)
         except Exception:  # noqa: BLE001 - the original error is what the user must see
             self.closed = True
+
+
+class NullRun:
+    """The run as the ranks other than 0 see it under torchrun: its id, and nothing to log
+    (rank 0 logs the global values for all of them). Same methods as RunLogger's."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def _nothing(self, *args, **kwargs) -> None:
+        return None
+
+    log_points = log_metrics = log_params = set_tags = log_artifact = _nothing
+    flush = heartbeat = skip_logged = close = close_after_error = _nothing

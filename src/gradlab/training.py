@@ -4,12 +4,17 @@ Read ``Trainer.fit`` top to bottom: batches -> ``StepEngine.step`` -> flush the 
 every ``telemetry.log_every`` steps -> validate once per epoch -> stop at a divergence;
 then ``finish`` writes the summary, tags, plots and checkpoint.
 
+Under torchrun (``trainer.strategy=ddp|fsdp``, ``gradlab.distributed``) every rank runs this
+same loop on its slice of each batch; the values it records are global, so every rank takes
+the same decisions. Rank 0 alone talks to MLflow and writes the checkpoint and plots.
+
 Divergence is a result, not an error: a non-finite loss or gradient that was applied
 stops training, tags the run ``diverged=true`` with metric ``diverged_at_step``, keeps
 everything logged up to that step, and returns normally.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -26,9 +31,9 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from . import checkpoint, record
-from .config import check, resolve_device
-from .errors import ConfigError
+from . import checkpoint, distributed, record
+from .config import check
+from .errors import ConfigError, StorageError
 from .data import DeviceData, EpochOrder, load_splits
 from .engine import StepEngine
 from .evaluation import evaluate_split
@@ -39,7 +44,7 @@ from .record import MAX_CONSECUTIVE_SKIPS, now_ms
 from .stabilizers import stabilizer_label
 from .resume import BUDGET_KEYS, HOW_KEYS, resume_config, resume_key
 from .telemetry import DivergenceWatch, Explosion
-from .tracking import ENV_TAGS, RunLogger, ensure_store, flatten, run_name, run_tags, tracking_uri
+from .tracking import ENV_TAGS, NullRun, RunLogger, ensure_store, flatten, run_name, run_tags, tracking_uri
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -74,6 +79,7 @@ class TrainResult:
     val_accuracy: float
     seconds_per_step: float
     warning_step: Optional[int] = None
+    rank: int = 0  # under torchrun: this process's rank (every rank returns the same record)
 
 
 class StopSignal:
@@ -100,15 +106,32 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def single_process_only(cfg):
+    """Under torchrun: the sharpness gauge, the preflight and the forensics replay are off (they run
+    the model outside the data-parallel step); the logged params say so."""
+    off = {"telemetry.sharpness_every": 0, "trainer.preflight": False, "forensics.snapshot_every": 0,
+           "forensics.investigate": False}
+    if any(OmegaConf.select(cfg, k) != v for k, v in off.items()):
+        cfg = copy.deepcopy(cfg)
+        for key, value in off.items():
+            OmegaConf.update(cfg, key, value)
+        if int(os.environ.get("RANK", "0")) == 0:
+            log("gradlab: under torchrun the sharpness gauge, preflight and forensics are off "
+                "(telemetry.sharpness_every=0, forensics.snapshot_every=0)")
+    return cfg
+
+
 class Trainer:
     """One run: the data on the device, the step engine, and the loop that drives it."""
 
-    def __init__(self, cfg, output_dir: Path):
+    def __init__(self, cfg, output_dir: Path, parallel: Optional[distributed.Parallel] = None):
         check(cfg)
         self.cfg, self.output_dir = cfg, Path(output_dir)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
-        self.device = resolve_device(cfg.trainer.device)
+        self.parallel, self.device = distributed.start(cfg.trainer.strategy, cfg.trainer.device)
+        if self.parallel.active:
+            cfg = self.cfg = single_process_only(cfg)
         seed_everything(cfg.seed, cfg.trainer.deterministic)
         splits = load_splits(cfg.data, log=log)
         self.data_checksum = splits["checksum"]
@@ -117,8 +140,9 @@ class Trainer:
         self.val_data = DeviceData(splits["val_x"], splits["val_y"], self.device)
         self.order = EpochOrder(cfg.seed, len(self.train_data), cfg.trainer.batch_size)
         self.total_steps = self.order.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
-        model = build_model(cfg.model, cfg.data).to(self.device)
-        self.engine = StepEngine(cfg, model, self.device, self.total_steps, self.order.batches_per_epoch)
+        model = self.parallel.wrap(build_model(cfg.model, cfg.data).to(self.device), self.device)
+        self.engine = StepEngine(cfg, model, self.device, self.total_steps, self.order.batches_per_epoch,
+                                 self.parallel)
         self.divergence = DivergenceWatch(MAX_CONSECUTIVE_SKIPS)
         self.foresight = Foresight(cfg, self.engine)
         self.snapshots = Snapshots(cfg.forensics.snapshot_every, cfg.forensics.keep)
@@ -129,7 +153,7 @@ class Trainer:
         self.resumed: Optional[dict] = None  # what the checkpoint we resume from says about its run
         self.last_val = (math.nan, math.nan)  # (loss, accuracy) of the latest validation
         self.bar = None
-        self.interactive = cfg.trainer.progress and sys.stderr.isatty()
+        self.interactive = cfg.trainer.progress and sys.stderr.isatty() and self.parallel.main
         self.progress_at = time.perf_counter()  # when the last progress line was written (no terminal)
         self.system_metrics = None
         if cfg.trainer.resume:
@@ -159,10 +183,10 @@ class Trainer:
                         self.engine.step(x, y)
                         if self.engine.recorder.full or measured:  # a measurement is read at once
                             self.flush(run)
-                        if self.done or stop.signum:
+                        if self.done or self.stopping(stop):
                             break
-                    if stop.signum:
-                        self.stop(run, stop.signum, t0)
+                    if self.stopping(stop):
+                        self.stop(run, self.stopping(stop), t0)
                     self.flush(run)
                     if self.order.epoch_done and self.divergence.step is None:
                         self.end_epoch(run)
@@ -174,6 +198,15 @@ class Trainer:
             finally:
                 self.bar.close()
 
+    def stopping(self, stop: StopSignal) -> Optional[int]:
+        """The signal to stop for. One process stops at the next step; under torchrun the ranks
+        agree at each telemetry flush (a sync point already), so they all stop after the same step."""
+        if not self.parallel.active:
+            return stop.signum
+        if self.engine.recorder.pending_steps:
+            return None
+        return self.parallel.agree(stop.signum or 0) or None
+
     def stop(self, run: RunLogger, signum: int, t0: float) -> None:
         """Stopped by a signal: everything recorded goes to MLflow, a checkpoint to resume from, the
         run is KILLED (MLflow's status for it), and the process exits with 128 + the signal."""
@@ -182,6 +215,7 @@ class Trainer:
         name = signal.Signals(signum).name
         if self.divergence.step is None:
             self.checkpoint(run)
+        if self.divergence.step is None and self.parallel.main:
             log(f"gradlab: stopped by {name} at step {self.engine.step_count}: checkpoint {self.checkpoint_path}; "
                 f"continue with trainer.resume={self.checkpoint_path} (or trainer.resume=auto)")
         run.set_tags({"gradlab.stopped": f"{name} at step {self.engine.step_count}"})
@@ -189,15 +223,28 @@ class Trainer:
         raise SystemExit(128 + signum)
 
     def start_run(self) -> RunLogger:
-        """The MLflow run: a new one, or (resuming an interrupted run) the same run, which is sent
-        only the points it lacks; a finished run is never rewritten: its continuation is a new run."""
+        """The MLflow run, opened by rank 0 (``open_run``); the other ranks get a NullRun with its id."""
+        run = None
+        try:
+            if self.parallel.main:
+                run = self.open_run()
+        finally:  # every rank learns the run id, also when rank 0 failed to open the run (None)
+            self.run_id = self.parallel.share(run.run_id if run is not None else None)
+        if self.run_id is None:
+            raise StorageError("rank 0 could not open the MLflow run (its error above says why)")
+        self.bar = tqdm(total=self.total_steps, initial=self.engine.step_count, disable=not self.interactive,
+                        dynamic_ncols=True)
+        return run if run is not None else NullRun(self.run_id)
+
+    def open_run(self) -> RunLogger:
+        """A new run, or (resuming an interrupted run) the same run, which is sent only the points
+        it lacks; a finished run is never rewritten: its continuation is a new run."""
         cfg, resumed = self.cfg, self.resumed
         uri = tracking_uri(cfg.tracking.uri)
         same = resumed is not None and run_is_open(uri, resumed["run_id"])
         run = RunLogger.start(uri, cfg.tracking.experiment, run_name(cfg), self.tags(), cfg.tracking.parent_run_id,
                               resumed["run_id"] if same else None,
                               unique_name=not cfg.tracking.run_name or bool(cfg.tracking.parent_run_id))
-        self.run_id = run.run_id
         if same:
             run.skip_logged()
             run.set_tags({k: v for k, v in self.tags().items() if k.startswith("gradlab.") or k in ENV_TAGS})
@@ -218,8 +265,6 @@ class Trainer:
             run.set_tags(self.resume_tags(same))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        self.bar = tqdm(total=self.total_steps, initial=self.engine.step_count, disable=not self.interactive,
-                        dynamic_ncols=True)
         log(f"run {run.run_id} ({run_name(cfg)}): {self.total_steps} steps on {self.device}, "
             f"{'continuing from step ' + str(self.engine.step_count) if resumed else 'from scratch'}")
         return run
@@ -238,7 +283,7 @@ class Trainer:
 
     def tags(self) -> dict:
         return {**run_tags(self.cfg, device=self.device, data_checksum=self.data_checksum),
-                "gradlab.checkpoint": str(self.checkpoint_path), "gradlab.resume_key": resume_key(self.cfg)}
+                "parallel": distributed.describe(self.parallel, self.device), "gradlab.checkpoint": str(self.checkpoint_path), "gradlab.resume_key": resume_key(self.cfg)}
 
     def resume_tags(self, same_run: bool) -> dict:
         before, now = flatten(self.resumed["config"]), flatten(self.cfg)
@@ -276,7 +321,7 @@ class Trainer:
         if self.interactive:
             self.bar.update(h.steps[-1] + 1 - self.bar.n)
             self.bar.set_postfix(epoch=self.order.epoch, loss=f"{loss:.4g}", grad=f"{grad:.3g}")
-        elif self.cfg.trainer.progress and time.perf_counter() - self.progress_at >= PROGRESS_EVERY_S:
+        elif self.cfg.trainer.progress and self.parallel.main and time.perf_counter() - self.progress_at >= PROGRESS_EVERY_S:
             self.progress_at = time.perf_counter()
             log(f"step {h.steps[-1] + 1}/{self.total_steps} epoch {self.order.epoch + 1}: train/loss {loss:.4g}, "
                 f"grad/norm {grad:.3g}")
@@ -324,22 +369,24 @@ class Trainer:
         summary, tags = self.summary(explosion)
         ckpt = self.save(self.checkpoint_path)
         run.log_artifact(self.output_dir / "config.yaml")
+        main = self.parallel.main
         if cfg.trainer.log_checkpoint:
             run.log_artifact(ckpt, "checkpoint")
-        if cfg.trainer.log_model:
+        if cfg.trainer.log_model and main:
             self.log_model(run)
-        plot_paths = self.plot(run.run_id, explosion) if cfg.telemetry.plots and h.steps else []
+        plot_paths = self.plot(run.run_id, explosion) if cfg.telemetry.plots and h.steps and main else []
         record.log_end(run, h, summary, tags, plot_paths)
-        if cfg.forensics.investigate:
+        if cfg.forensics.investigate and main:
             self.investigate(run, explosion)
         if self.system_metrics is not None:
             self.system_metrics.finish()
         run.close("FINISHED")
-        log(f"run {run.run_id}: {tags['outcome']}, {len(h.steps)} steps, val accuracy {self.last_val[1]:.4f}")
+        if main:
+            log(f"run {run.run_id}: {tags['outcome']}, {len(h.steps)} steps, val accuracy {self.last_val[1]:.4f}")
         warning = self.foresight.watch.warning
-        return TrainResult(run.run_id, run.client.tracking_uri, ckpt, len(h.steps), at is not None, at,
+        return TrainResult(run.run_id, tracking_uri(cfg.tracking.uri), ckpt, len(h.steps), at is not None, at,
                            explosion.step, explosion.first_layer, self.last_val[1], summary["time/step_ms"] / 1000,
-                           warning.step if warning else None)
+                           warning.step if warning else None, self.parallel.rank)
 
     def summary(self, explosion: Explosion) -> tuple[dict, dict]:
         metrics, tags = record.summary(self.history, self.divergence.step, self.train_seconds, explosion)
@@ -413,8 +460,11 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: Path, snapshot: Optional[dict] = None, bad: Optional[dict] = None) -> Path:
-        """The checkpoint; with ``snapshot`` (gradlab.forensics), the same file for that earlier state."""
+        """The checkpoint, written by rank 0 (every rank calls this: FSDP gathers the state for it);
+        with ``snapshot`` (gradlab.forensics), the same file for that earlier state."""
         engine = snapshot["engine"] if snapshot else self.engine.state_dict()
+        if not self.parallel.main:
+            return path
         order = snapshot["order"] if snapshot else self.order.state_dict()
         return checkpoint.save(path, {
             "config": OmegaConf.to_container(self.cfg, resolve=True), "engine": engine, "forensics": bad,
@@ -457,6 +507,7 @@ def run_is_open(uri: str, run_id: str) -> bool:
 def train(cfg, output_dir: Path, overrides: Optional[Sequence[str]] = None) -> TrainResult:
     """Train one run. With ``trainer.resume``, the config is the checkpoint's (gradlab.resume);
     ``overrides`` (the command line's) tell which of its keys the user set."""
-    if cfg.trainer.resume:
-        cfg = resume_config(cfg, overrides)
+    if cfg.trainer.resume:  # under torchrun rank 0 decides (an MLflow query for auto), every rank follows
+        parallel, _ = distributed.start(cfg.trainer.strategy, cfg.trainer.device)
+        cfg = parallel.from_main(lambda: resume_config(cfg, overrides))
     return Trainer(cfg, output_dir).fit()
