@@ -21,18 +21,18 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, ROOT, SRC, TINY, cli_env, client, history, store_uri
-from gradlab.matrix import MatrixSpec, Scenario, run_matrix
+from gradlab.matrix import run_matrix, spec_from_dict
 from gradlab.report import select_runs, write_report
 
 pytestmark = pytest.mark.cluster
 
-SPEC = MatrixSpec(  # as tests/test_report.py: calm trains and clip fires, blowup diverges without a remedy
-    experiment="cluster-matrix",
-    scenarios=[Scenario("calm", ["optimizer=sgd", "optimizer.lr=0.5", "scenario=calm"]),
-               Scenario("blowup", ["optimizer=sgd", "optimizer.lr=1e10", "scenario=blowup"])],
-    stabilizers=["none", "clip"], seeds=[0, 1],
-    overrides=["data=synthetic", "trainer.max_steps=8", "trainer.device=cpu", "trainer.deterministic=true",
-               "trainer.threads=1", "telemetry.plots=false", "telemetry.log_every=4", "trainer.progress=false", *TINY])
+SCENARIOS = [  # as tests/test_report.py: calm trains and clip fires, blowup diverges without a remedy
+    {"name": "calm", "experiment": None, "overrides": ["optimizer=sgd", "optimizer.lr=0.5"]},
+    {"name": "blowup", "experiment": None, "overrides": ["optimizer=sgd", "optimizer.lr=1e10"]}]
+COMMON = ["data=synthetic", "trainer.max_steps=8", "trainer.device=cpu", "trainer.deterministic=true",
+          "trainer.threads=1", "telemetry.plots=false", "telemetry.log_every=4", "trainer.progress=false", *TINY]
+SPEC = spec_from_dict({"experiment": "cluster-matrix", "scenarios": SCENARIOS, "stabilizers": ["none", "clip"],
+                       "seeds": [0, 1], "overrides": COMMON})
 TABLE = ["test_accuracy_mean", "test_accuracy_std", "divergence_rate", "diverged_at_step_median", "grad_norm_max",
          "clip_rate"]
 
@@ -77,9 +77,9 @@ def test_a_killed_cell_is_run_again_and_the_report_is_complete(tmp_path):
     MLflow run, and every cell ends with one point per step."""
     cluster = submitit_spec(jobs=2, retries=2)
     uri = store_uri(tmp_path / "store")
-    spec = MatrixSpec(experiment="kill", scenarios=SPEC.scenarios[:1], stabilizers=["none", "clip"], seeds=[0, 1],
-                      overrides=[*SPEC.overrides, "trainer.max_steps=400", "trainer.epochs=100", "trainer.checkpoint_every=20",
-                                 "telemetry.log_every=10"])
+    spec = spec_from_dict({"experiment": "kill", "scenarios": SCENARIOS[:1], "stabilizers": ["none", "clip"],
+                           "seeds": [0, 1], "overrides": [*COMMON, "trainer.max_steps=400", "trainer.epochs=100",
+                                                          "trainer.checkpoint_every=20", "telemetry.log_every=10"]})
     lines, out = [], {}
 
     def run():
