@@ -32,6 +32,7 @@ from .errors import ConfigError
 from .data import DeviceData, EpochOrder, load_splits
 from .engine import StepEngine
 from .evaluation import evaluate_split
+from .faults import fault_label
 from .models import build_model
 from .stabilizers import stabilizer_label
 from .resume import BUDGET_KEYS, HOW_KEYS, resume_config, resume_key
@@ -200,7 +201,8 @@ class Trainer:
                 run.set_tags({"mlflow.runName": cfg.tracking.run_name})
         else:
             # the selection as one param too: MLflow's compare and parallel-coordinates views use params
-            run.log_params({**flatten(cfg), "stabilizer": stabilizer_label(cfg.stabilizer)})
+            run.log_params({**flatten(cfg), "stabilizer": stabilizer_label(cfg.stabilizer),
+                            "fault": fault_label(cfg.fault)})
             run.log_dataset(self.dataset_name(), self.data_checksum, self.data_source(), self.data_sizes)
         if cfg.tracking.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -376,13 +378,16 @@ class Trainer:
         cfg, h = self.cfg, self.history
         layers = self.engine.recorder.layers
         title = f"{run_id[:8]} {cfg.model.name} {stabilizer_label(cfg.stabilizer)} seed {cfg.seed}"
+        if self.engine.faults.faults:
+            title += f" fault {fault_label(cfg.fault)}"
         clip = cfg.stabilizer.get("clip")
         return [plots.layer_heatmap(h.steps, layers, h.layer_grid(len(layers)),
                                     self.output_dir / "grad_layer_heatmap.png", explosion.step, title),
                 plots.norm_history(h.steps, h.column("grad/norm"), h.column("grad/norm_after"),
                                    h.column("grad/clip_coef"), h.column("grad/skipped"), h.column("grad/threshold"),
                                    self.output_dir / "grad_norm.png", clip.max_norm if clip is not None else None,
-                                   explosion.step, self.divergence.step, title)]
+                                   explosion.step, self.divergence.step, title,
+                                   faults=self.engine.faults.spans(h.steps[-1] + 1))]
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: Path) -> Path:
