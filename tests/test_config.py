@@ -82,15 +82,27 @@ def test_stabilizer_options_keep_their_values_in_a_multi_select():
     assert compose(["stabilizer=clip", "stabilizer.clip.norm_type=inf"]).stabilizer.clip.norm_type == float("inf")
 
 
+def cuda_only(cfg) -> bool:
+    return cfg.trainer.precision == "fp16"
+
+
 @pytest.mark.parametrize("preset", options("experiment"))
 def test_experiment_presets_compose(preset):
     cfg = compose([f"experiment={preset}"])
-    check(cfg)
+    runnable = not cuda_only(cfg) or torch.cuda.is_available()
+    if runnable:
+        check(cfg)
+    else:  # a CUDA-only scenario on the CPU: a config error naming the key, before anything runs
+        with pytest.raises(ConfigError) as err:
+            check(cfg)
+        assert err.value.key == "trainer.precision" and "CUDA" in err.value.message
     assert cfg.scenario == preset
     assert selected_names(cfg.stabilizer) == []  # presets show the failure; remedies are added on top
     assert cfg.trainer.max_steps and cfg.trainer.max_steps > 0
     # a remedy and a preset value can still be overridden on the command line
     cfg = compose([f"experiment={preset}", "stabilizer=[warmup,clip]", "optimizer.lr=0.123", "trainer.max_steps=7"])
+    if runnable:
+        check(cfg)
     assert selected_names(cfg.stabilizer) == ["warmup", "clip"]
     assert cfg.optimizer.lr == 0.123 and cfg.trainer.max_steps == 7
     assert cfg.scenario == preset
@@ -128,6 +140,12 @@ def test_schema_rejects_at_composition(override):
     (["stabilizer=clip_value", "stabilizer.clip_value.clip_value=0"], "stabilizer.clip_value.clip_value"),
     (["model.name=cnn"], "model.name"),
     (["trainer.device=tpu"], "trainer.device"),
+    (["trainer.grad_scaler=false"], "trainer.grad_scaler"),
+    (["loss.z_loss=-1"], "loss.z_loss"),
+    (["model=vit", "model.heads=3"], "model.heads"),
+    (["model=vit", "model.patch=5"], "model.patch"),
+    (["model=vit", "model.logit_softcap=0"], "model.logit_softcap"),
+    (["model=rnn", "model.downsample=3"], "model.downsample"),
     (["stabilizer=autoclip", "stabilizer.autoclip.percentile=0"], "stabilizer.autoclip.percentile"),
     (["stabilizer=warmup", "scheduler=onecycle"], "stabilizer.warmup"),
     (["model.dropout=1.0"], "model.dropout"),
@@ -217,3 +235,9 @@ def test_cli_unknown_option_lists_the_choices(cli_results):
     assert "model/foo" in line
     assert "available: cnn, deep_mlp, lstm, mlp, rnn)" in line
     assert "search path" not in line  # Hydra's search-path dump is not an option list
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA-only scenario runs where CUDA is")
+def test_cuda_only_scenario_on_the_cpu_is_one_line(tmp_path):
+    one_line_error(cli("train.py", "experiment=fp16_overflow", cwd=tmp_path), 2, "'trainer.precision'", "CUDA")
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started

@@ -74,3 +74,56 @@ def test_lstm_recurrent_init_per_gate():
         torch.testing.assert_close(gate, 0.5 * torch.eye(8))
     default = model_of("model=lstm", "model.hidden=8")
     assert not torch.equal(default.rnn.weight_hh_l0.detach().view(4, 8, 8)[0], torch.eye(8))
+
+
+def test_rnn_downsample_shortens_the_pixel_sequence():
+    model = model_of("model=rnn", "model.downsample=2", "data.sequence=pixels", "model.hidden=8")
+    seen = []
+    model.rnn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    x = torch.randn(3, 1, 28, 28)
+    assert model(x).shape == (3, 10) and seen[-1] == (3, 196, 1)  # 14 x 14 pixels
+    pooled = x.view(3, 1, 14, 2, 14, 2).mean((3, 5)).reshape(3, 196, 1)  # each 2 x 2 block's mean, row-major
+    torch.testing.assert_close(model(x), model.head(model.rnn(pooled)[0][:, -1]))
+    rows = model_of("model=lstm", "model.downsample=4", "data.sequence=rows", "model.hidden=8")
+    rows.rnn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    rows(x)
+    assert seen[-1] == (3, 7, 7)
+
+
+def vit(*overrides):
+    torch.manual_seed(0)
+    return model_of("model=vit", "model.dim=16", "model.heads=2", *overrides)
+
+
+def test_vit_tokens_blocks_and_attention_equal_torch_sdpa():
+    model = vit("model.patch=4", "model.depth=3")
+    assert model.pos.shape == (1, 49, 16) and len(model.blocks) == 3
+    assert sum(isinstance(m, nn.LayerNorm) for m in model.modules()) == 2 * 3 + 1  # pre-LN blocks + final
+    assert sum(isinstance(m, nn.LayerNorm) for m in vit("model.norm=none").modules()) == 0
+    attn, x = model.blocks[0].attn.requires_grad_(False), torch.randn(5, 49, 16)
+    q, k, v = attn.qkv(x).view(5, 49, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    want = attn.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(5, 49, 16))
+    torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-6)
+    assert float(attn.logit_max) == pytest.approx(float((q @ k.transpose(-2, -1) / 8 ** 0.5).max()), rel=1e-6)
+
+
+def test_vit_qk_norm_bounds_the_attention_logits_and_softcap_caps_them():
+    """Weights x 30 make the plain logits huge; with q and k LayerNorm'ed (unit gain) each logit is
+    at most |q||k| / sqrt(d) = d / sqrt(d) = sqrt(8); the softcap bounds what the softmax sees."""
+    x = torch.randn(4, 1, 28, 28)
+    logits = {}
+    for name, over in {"plain": [], "qk_norm": ["model.qk_norm=true"], "cap": ["model.logit_softcap=5"]}.items():
+        model = vit(*over)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight.mul_(30)
+        model(x)
+        logits[name] = max(float(p) for p in model.probes().values())
+    assert set(vit().probes()) == {"attn/logit_max/0", "attn/logit_max/1"}
+    assert logits["plain"] > 100 and logits["qk_norm"] <= 8 ** 0.5 + 1e-4
+    attn, h = vit("model.logit_softcap=5").blocks[0].attn, torch.randn(2, 16, 16)
+    q, k, v = attn.qkv(h).view(2, 16, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    raw = q @ k.transpose(-2, -1) / 8 ** 0.5
+    want = attn.proj(((5 * torch.tanh(raw / 5)).softmax(-1) @ v).transpose(1, 2).reshape(2, 16, 16))
+    torch.testing.assert_close(attn(h), want)
+    assert float(attn.logit_max) == pytest.approx(float(raw.max()), rel=1e-6)  # recorded before the cap

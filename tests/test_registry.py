@@ -9,10 +9,13 @@ import pytest
 import yaml
 
 from conftest import CONF, ROOT
-from gradlab.registry import MODELS, OPTIMIZERS, SCHEDULERS, STABILIZERS, Schema
+from gradlab.registry import FAULTS, MODELS, OPTIMIZERS, SCHEDULERS, STABILIZERS, Schema
 
-GROUPS = {"model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "stabilizer": STABILIZERS}
-TESTS = {"model": ROOT / "tests" / "test_models.py", "stabilizer": ROOT / "tests" / "test_stabilizers.py"}
+GROUPS = {"model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "stabilizer": STABILIZERS,
+          "fault": FAULTS}
+MULTI_SELECT = ("stabilizer", "fault")  # each option's node under its own key
+TESTS = {"model": ROOT / "tests" / "test_models.py", "stabilizer": ROOT / "tests" / "test_stabilizers.py",
+         "fault": ROOT / "tests" / "test_fault_injection.py"}
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -26,8 +29,8 @@ def test_each_option_has_a_schema_and_a_yaml_without_defaults(group, name):
     entry = GROUPS[group][name]
     assert issubclass(entry.schema, Schema)
     doc = yaml.safe_load((CONF / group / f"{name}.yaml").read_text()) or {}
-    if group == "stabilizer":  # multi-select: the option's node under its own key, defaults from the schema
-        assert doc == {name: {}}, f"conf/stabilizer/{name}.yaml should be `{name}: {{}}`"
+    if group in MULTI_SELECT:  # the option's node under its own key, defaults from the schema
+        assert doc == {name: {}}, f"conf/{group}/{name}.yaml should be `{name}: {{}}`"
     else:
         assert doc == {"defaults": [f"/schema/{group}/{name}@_here_", "_self_"]}, \
             f"conf/{group}/{name}.yaml should name its schema and set no values (defaults live in the schema)"
@@ -40,7 +43,7 @@ def test_stabilizer_run_order_is_explicit():
 
 
 @pytest.mark.parametrize("group,name", [(g, e.name) for g in TESTS for e in GROUPS[g] if e.name != "none"])
-def test_each_model_and_stabilizer_has_its_tests(group, name):
+def test_each_model_stabilizer_and_fault_has_its_tests(group, name):
     text = TESTS[group].read_text()
     assert re.search(rf"^def test_{name}_\w+", text, re.M), f"{TESTS[group].name} has no test_{name}_... test"
     if group == "stabilizer" and STABILIZERS[name].obj is not None:

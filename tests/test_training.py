@@ -235,7 +235,14 @@ RESUME_CASES = {
                    "stabilizer.spam.reset_interval=7", "stabilizer.spam.warmup_steps=3",
                    "stabilizer.spam.clip_delay=2", "stabilizer.spam.threshold=2"],
     "sgd+gauge": ["optimizer=sgd", "telemetry.sharpness_every=5"],  # the gauge's warm start is in the checkpoint
+    # injected faults on both sides of the split (their steps come from the seed and the step alone),
+    # and a model whose probes (attention logits) are part of the history
+    "faults+vit": ["model=vit", "model.dim=16", "model.heads=2", "model.qk_norm=true", "loss.z_loss=1e-3",
+                   "fault=[bad_batch,lr_spike,shift]", "fault.bad_batch.at=[14]", "fault.bad_batch.prob=0.2",
+                   "fault.bad_batch.kind=labels", "fault.lr_spike.at=10", "fault.lr_spike.length=4",
+                   "fault.shift.at=18", "stabilizer=clip"],
 }
+EXTRA_KEYS = {"faults+vit": ["fault/active", "attn/logit_max/0", "attn/logit_max/1", "lr"]}
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
@@ -258,7 +265,7 @@ def test_resume_is_bit_exact(tmp_path, case):
     assert c.get_run(resumed.run_id).data.tags["resume/changed"] == "trainer.max_steps: 12 -> 24"
     assert [s for s, _ in history(half.tracking_uri, half.run_id, "grad/norm")] == list(range(n // 2))
 
-    for key in ("train/loss", "grad/norm", "grad/norm_after", "grad/skipped"):
+    for key in ("train/loss", "grad/norm", "grad/norm_after", "grad/skipped", *EXTRA_KEYS.get(case, [])):
         a = history(straight.tracking_uri, straight.run_id, key)
         b = history(resumed.tracking_uri, resumed.run_id, key)
         assert [s for s, _ in a] == list(range(n)), key
@@ -274,6 +281,39 @@ def test_resume_is_bit_exact(tmp_path, case):
     for k, v in sa["engine"]["model"].items():
         assert torch.equal(v, sb["engine"]["model"][k]), k
     assert client(resumed.tracking_uri).get_run(resumed.run_id).info.status == "FINISHED"
+
+
+def test_z_loss_adds_palm_log_z_squared_to_the_objective(tmp_path):
+    """loss.z_loss = c: backward differentiates CE + c * mean(logsumexp(logits)^2); the logged loss is the CE."""
+    from gradlab.engine import objective
+
+    trainer = Trainer(tiny_cfg(tmp_path, "loss.z_loss=0.01", steps=1), tmp_path / "out")
+    model, cfg_loss = trainer.engine.model, trainer.cfg.loss
+    x, y = next(trainer.train_data.batches(32))
+    logits = model(x)
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    got = torch.autograd.grad(objective(ce, logits, model, cfg_loss), list(model.parameters()), retain_graph=True)
+    z = torch.log(torch.exp(logits.double()).sum(-1))
+    want = torch.autograd.grad(ce + 0.01 * (z ** 2).mean().float(), list(model.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    trainer.engine.step(x, y)
+    trainer.engine.recorder.flush()
+    assert trainer.history.column("train/loss")[0] == pytest.approx(float(ce.detach()), rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs CUDA")
+def test_fp16_without_grad_scaler_applies_an_overflowed_step(tmp_path):
+    """trainer.grad_scaler=false (fp16_overflow's failure): no loss scaling, an inf step is applied
+    and the run is diverged; with the GradScaler (the default) the same step is skipped."""
+    common = ["trainer.device=cuda", "trainer.precision=fp16", "optimizer=sgd", "fault=bad_batch",
+              "fault.bad_batch.at=[4]", "fault.bad_batch.kind=extreme", "fault.bad_batch.factor=1e5"]
+    bare = Trainer(tiny_cfg(tmp_path / "a", *common, "trainer.grad_scaler=false", steps=8), tmp_path / "a" / "out")
+    assert not bare.engine.scaler.is_enabled()
+    assert bare.fit().diverged_at_step == 4
+    scaled = Trainer(tiny_cfg(tmp_path / "b", *common, steps=8), tmp_path / "b" / "out")
+    r = scaled.fit()
+    assert not r.diverged and scaled.history.column("grad/skipped")[4] == 1.0
 
 
 def test_resume_from_missing_checkpoint_is_a_config_error(tmp_path):

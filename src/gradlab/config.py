@@ -20,16 +20,16 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from . import distributed, models, optim, stabilizers
+from . import distributed, faults, models, optim, stabilizers
 from .data import DataConfig
 from .errors import ConfigError
 from .forensics import ForensicsConfig
-from .registry import MODELS, OPTIMIZERS, SCHEDULERS, STABILIZERS, Registry, Schema, choice, need
+from .registry import FAULTS, MODELS, OPTIMIZERS, SCHEDULERS, STABILIZERS, Registry, Schema, choice, need
 from .telemetry import TelemetryConfig
 
 __all__ = ["ConfigError", "Config", "check", "compose_config", "conf_dir", "register_configs"]
 
-REGISTERING_MODULES = (models, optim, stabilizers)  # importing them fills the registries
+REGISTERING_MODULES = (faults, models, optim, stabilizers)  # importing them fills the registries
 GROUPS: Dict[str, Registry] = {"model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
 
 # Selected options of the multi-select ``stabilizer`` group keep their settings under their own key
@@ -37,16 +37,21 @@ GROUPS: Dict[str, Registry] = {"model": MODELS, "optimizer": OPTIMIZERS, "schedu
 StabilizerConfig = make_dataclass(
     "StabilizerConfig", [(e.name, Optional[e.schema], None) for e in STABILIZERS], bases=(Schema,))
 StabilizerConfig.__module__ = __name__  # a config pickles (torchrun's ranks share a resumed one)
+# The multi-select ``fault`` group (injected failures, gradlab.faults), the same way: fault.bad_batch.at
+FaultConfig = make_dataclass("FaultConfig", [(e.name, Optional[e.schema], None) for e in FAULTS], bases=(Schema,))
+FaultConfig.__module__ = __name__
 
 
 @dataclass
 class LossConfig(Schema):
     label_smoothing: float = 0.0
     l1: float = 0.0  # coefficient of the L1 penalty on all weights
+    z_loss: float = 0.0  # coefficient of PaLM's z-loss, mean log(Z)^2 of the output softmax (PaLM: 1e-4)
 
     def check(self) -> None:
         need(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         need(self.l1 >= 0, "l1", f"must be >= 0, got {self.l1}")
+        need(self.z_loss >= 0, "z_loss", f"must be >= 0, got {self.z_loss}")
 
 
 @dataclass
@@ -57,6 +62,7 @@ class TrainerConfig(Schema):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False
     precision: str = choice("32", "bf16", "fp16")
+    grad_scaler: bool = True  # fp16: dynamic loss scaling (torch's GradScaler); false: fp16 without it
     checkpoint: Optional[str] = None  # where the checkpoint goes (default: the run's output dir)/model.pt
     checkpoint_every: int = 500  # steps between crash-safety checkpoints (0: only at the end)
     log_checkpoint: bool = True  # upload the final checkpoint as a run artifact (matrix/search children: off)
@@ -80,6 +86,8 @@ class TrainerConfig(Schema):
         need(self.strategy == "none" or not missing, "strategy",
              f"{self.strategy} needs torchrun's environment ({', '.join(missing)} not set): launch with "
              f"torchrun --nproc_per_node=N src/train.py trainer.strategy={self.strategy} ...")
+        need(self.grad_scaler or self.precision == "fp16", "grad_scaler",
+             f"only fp16 has a GradScaler to turn off (precision={self.precision})")
 
 
 @dataclass
@@ -98,6 +106,7 @@ class Config(Schema):
     model: Any = MISSING  # one of the MODELS schemas
     optimizer: Any = MISSING  # one of the OPTIMIZERS schemas
     stabilizer: StabilizerConfig = field(default_factory=StabilizerConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     scheduler: Any = MISSING  # one of the SCHEDULERS schemas
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -118,6 +127,8 @@ class Config(Schema):
             need(spam.reset_interval is None or spam.warmup_steps == 0 or self.scheduler.name != "onecycle",
                  "stabilizer.spam.reset_interval", "onecycle sets the LR from scratch every step, so SPAM's "
                  "warm-up after a reset cannot multiply it: use another scheduler or reset_interval=null")
+        need(self.fault.lr_spike is None or self.scheduler.name != "onecycle", "fault.lr_spike",
+             "onecycle sets the LR from scratch every step, so the spike cannot multiply it: use another scheduler")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         if self.trainer.strategy == "fsdp":  # sharded weights: what needs them whole is not supported
             need(self.loss.l1 == 0, "loss.l1", "the L1 penalty needs the whole weights: not with trainer.strategy=fsdp "
@@ -295,13 +306,16 @@ def config_from_dict(saved: Dict[str, Any]):
     """A typed, checked config from a saved (resolved, plain) one, e.g. a checkpoint's: the options
     are selected by name, then every saved value is merged in. Raises ConfigError when the saved
     config does not fit this gradlab (an option or key that no longer exists)."""
-    chosen = [name for name, node in saved.get("stabilizer", {}).items() if node is not None] or ["none"]
+    def chosen(group: str) -> str:  # a multi-select group's selection, as an override
+        names = [name for name, node in (saved.get(group) or {}).items() if node is not None] or ["none"]
+        return f"{group}=[{','.join(names)}]"
+
     # how a process was launched is not part of the experiment: the next command's strategy applies
     saved = {**saved, "trainer": {k: v for k, v in saved.get("trainer", {}).items() if k != "strategy"}}
     try:
         base = compose_config([f"data={saved['data']['name']}", f"model={saved['model']['name']}",
                                f"optimizer={saved['optimizer']['name']}", f"scheduler={saved['scheduler']['name']}",
-                               f"stabilizer=[{','.join(chosen)}]"])
+                               chosen("stabilizer"), chosen("fault")])
         OmegaConf.set_struct(base.tracking.tags, False)  # free-form (a matrix child's matrix=..., matrix/cell=...)
         cfg = OmegaConf.merge(base, saved)
     except Exception as exc:  # noqa: BLE001 - whatever Hydra/OmegaConf says, it is the same problem
@@ -373,7 +387,7 @@ def options_table() -> str:
     """The README's table of every option with its knobs and defaults, generated from the
     registries (``python -m gradlab.config``; tests/test_registry.py checks the README has it)."""
     rows = ["| group | option | knobs (default; choices) |", "|---|---|---|"]
-    for group, registry in {**GROUPS, "stabilizer": STABILIZERS}.items():
+    for group, registry in {**GROUPS, "stabilizer": STABILIZERS, "fault": FAULTS}.items():
         for entry in registry:
             knobs = []
             for f in fields(entry.schema):
@@ -392,7 +406,8 @@ def help_text(script: str) -> str:
     and conf/), not Hydra's listing, which would show the internal schema/* groups."""
     conf = conf_dir()
     groups = {"data": sorted(p.stem for p in (conf / "data").glob("*.yaml")), **{g: r.names() for g, r in GROUPS.items()},
-              "stabilizer": [*STABILIZERS.names(), "(several: stabilizer=[warmup,clip])"], "experiment": scenario_names()}
+              "stabilizer": [*STABILIZERS.names(), "(several: stabilizer=[warmup,clip])"],
+              "fault": [*FAULTS.names(), "(several: fault=[bad_batch,lr_spike])"], "experiment": scenario_names()}
     lines = [f"{script}: gradlab's {'training run' if script == 'train.py' else 'test-set evaluation'} "
              "(Hydra app; overrides: key=value, group=option)", "",
              f"Usage: python src/{script} [overrides] [--cfg job] [-m for sweeps] [--hydra-help]", ""]

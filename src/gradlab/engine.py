@@ -1,11 +1,11 @@
 """The step engine: one optimizer step on the device, and nothing else (no I/O, no host sync).
 
-forward (under autocast) -> loss -> backward (GradScaler-scaled) -> unscale -> the
-stabilizer pipeline -> the update (undone where a stabilizer skips it) -> one telemetry
-row into the device buffer (the part after backward is ``UpdatePipeline``, which
-``gradlab.monitor`` also drives around a user's own step). Under torchrun (``gradlab.distributed``)
-each rank takes its slice of the global batch, and the loss the stabilizers and telemetry see is the
-global one. Mixed precision is always "on"
+the injected faults (gradlab.faults: this step's batch may be corrupted) -> forward (under
+autocast) -> loss -> backward (GradScaler-scaled) -> unscale -> the stabilizer pipeline -> the
+update (undone where a stabilizer skips it) -> one telemetry row into the device buffer (the part
+after backward is ``UpdatePipeline``, which ``gradlab.monitor`` also drives around a user's own
+step). Under torchrun (``gradlab.distributed``) each rank takes its slice of the global batch, and
+the loss the stabilizers and telemetry see is the global one. Mixed precision is always "on"
 as objects: with ``precision=32`` autocast is disabled and the GradScaler is torch's disabled scaler,
 whose calls are no-ops, so the step has no precision branches. The engine owns all of
 its state in one ``state_dict``.
@@ -20,15 +20,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import SINGLE, Parallel
+from .faults import Faults
 from .optim import Schedule, build_optimizer
 from .stabilizers import GradStep, StabilizerStack, UpdateSnapshot
-from .telemetry import Recorder
+from .telemetry import Recorder, model_probes
 
 AMP_DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
     return sum(p.abs().sum() for n, p in model.named_parameters() if n.endswith("weight"))
+
+
+def z_penalty(logits: torch.Tensor) -> torch.Tensor:
+    """PaLM's z-loss (Chowdhery et al. 2022, sec. 5): mean over the batch of log(Z)^2, Z the
+    softmax normalizer sum_j exp(logit_j); it pulls log Z towards 0, so the output logits
+    cannot drift off together (PaLM: coefficient 1e-4)."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def objective(loss: torch.Tensor, logits: torch.Tensor, model: nn.Module, cfg_loss) -> torch.Tensor:
+    """What backward differentiates: the cross-entropy plus the configured penalties (the logged
+    ``train/loss`` is the cross-entropy alone)."""
+    if cfg_loss.l1 > 0:
+        loss = loss + cfg_loss.l1 * l1_penalty(model)
+    if cfg_loss.z_loss > 0:
+        loss = loss + cfg_loss.z_loss * z_penalty(logits)
+    return loss
 
 
 @dataclass
@@ -49,10 +67,12 @@ class UpdatePipeline:
         self.stack, self.recorder, self.optimizer = stack, recorder, optimizer
         self.pending: Optional[PendingUpdate] = None
 
-    def begin(self, loss: torch.Tensor, step: int, lr) -> bool:
+    def begin(self, loss: torch.Tensor, step: int, lr, fault: Optional[torch.Tensor] = None) -> bool:
         """Stabilize the gradients and snapshot what a skip restores; False when the optimizer step
-        must not run (a skip decided on the host, see ``StabilizerStack.before_update``)."""
+        must not run (a skip decided on the host, see ``StabilizerStack.before_update``).
+        ``fault``: the step's ``fault/active`` flag (gradlab.faults)."""
         gs = self.stack.process(loss)
+        gs.fault = fault
         snapshot = self.stack.before_update(self.optimizer, gs, keep_old_params=self.recorder.is_layer_step(step))
         self.pending = PendingUpdate(gs, snapshot, step, lr)
         return snapshot.run_step
@@ -71,7 +91,7 @@ class UpdatePipeline:
 
 
 class StepEngine:
-    """Model, optimizer, schedule, AMP, stabilizers and the telemetry buffer of one run."""
+    """Model, optimizer, schedule, AMP, stabilizers, faults and the telemetry buffer of one run."""
 
     def __init__(self, cfg, model: nn.Module, device: torch.device, total_steps: int, steps_per_epoch: int,
                  parallel: Parallel = SINGLE):
@@ -80,12 +100,15 @@ class StepEngine:
         self.stack = StabilizerStack(cfg.stabilizer, parallel.unwrap(model), device)
         self.optimizer = build_optimizer(cfg.optimizer, model.parameters(), device, capturable=self.stack.skips)
         self.stack.bind(self.optimizer)  # for stabilizers that read the optimizer's state (spam)
+        self.faults = Faults(cfg.fault, cfg.seed, device)
         warmup = cfg.stabilizer.warmup.steps if cfg.stabilizer.get("warmup") is not None else None
         self.schedule = Schedule(self.optimizer, cfg.scheduler, warmup, total_steps, steps_per_epoch,
-                                 self.stack.lr_factors())
+                                 self.stack.lr_factors() + self.faults.lr_factors())
         self.amp_dtype = AMP_DTYPES[cfg.trainer.precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16")
-        self.recorder = Recorder(self.stack.names, device, cfg.telemetry.log_every, cfg.telemetry.layer_every)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16"
+                                           and cfg.trainer.grad_scaler)
+        self.recorder = Recorder(self.stack.names, device, cfg.telemetry.log_every, cfg.telemetry.layer_every,
+                                 model_probes(model))
         self.pipeline = UpdatePipeline(self.stack, self.recorder, self.optimizer)
         self.step_count = 0
         self.correct = torch.zeros((), dtype=torch.long, device=device)  # this epoch's right answers
@@ -96,16 +119,18 @@ class StepEngine:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One optimizer step on the global batch ``x, y``; everything it records stays on the device."""
+        x, y, fault = self.faults.apply(self.step_count, x, y)
         n = len(y)
         x, y, weight = self.parallel.shard(x, y)
         self.optimizer.zero_grad(set_to_none=False)
         with self.autocast():
             logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.loss_cfg.label_smoothing)
-        objective = loss + self.loss_cfg.l1 * l1_penalty(self.model) if self.loss_cfg.l1 > 0 else loss
-        self.scaler.scale(objective * weight if weight != 1.0 else objective).backward()
+        logits = logits.float()
+        loss = F.cross_entropy(logits, y, label_smoothing=self.loss_cfg.label_smoothing)
+        total = objective(loss, logits, self.model, self.loss_cfg)
+        self.scaler.scale(total * weight if weight != 1.0 else total).backward()
         self.scaler.unscale_(self.optimizer)  # stabilizers must see true gradients
-        if self.pipeline.begin(self.parallel.global_loss(loss, weight), self.step_count, self.schedule.lr):
+        if self.pipeline.begin(self.parallel.global_loss(loss, weight), self.step_count, self.schedule.lr, fault):
             self.scaler.step(self.optimizer)
         not_applied = None
         if self.scaler.is_enabled():

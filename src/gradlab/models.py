@@ -1,7 +1,8 @@
-"""Models, from well-behaved (mlp, cnn, lstm) to explosion-prone (deep_mlp, rnn).
+"""Models, from well-behaved (mlp, cnn, lstm) to explosion-prone (deep_mlp, rnn, vit at a high LR).
 
 Every model takes images [B, 1, 28, 28] and returns logits [B, 10]; the
-sequence models read them row by row (28 steps) or pixel by pixel (784 steps).
+sequence models read them row by row (28 steps) or pixel by pixel (784 steps, or fewer
+after ``model.downsample``); the vision transformer reads patches.
 The last layer is always named ``head`` so remedies (AGC) can exclude it.
 Each model registers here with its own schema: a knob that does not apply to a
 model (``model.residual`` on the RNN) is an unknown key at composition time.
@@ -9,9 +10,10 @@ model (``model.residual`` on the RNN) is an unknown key at composition time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .registry import MODELS, Schema, choice, need
@@ -80,17 +82,23 @@ class CNNConfig(FeedForwardSchema):
              "needs 1 to 4 channel counts >= 1 (each block halves the 28x28 image)")
 
 
+def _divides_28(value: int, key: str) -> None:
+    need(value >= 1 and 28 % value == 0, key, f"must divide 28 (1, 2, 4, 7, 14 or 28), got {value}")
+
+
 @dataclass
 class LSTMConfig(ModelSchema):
     name: str = "lstm"
     hidden: int = 128
     recurrent_init: str = choice("default", "orthogonal", "identity")  # of W_hh (per gate)
     recurrent_gain: float = 1.0  # scale of W_hh (rho)
+    downsample: int = 1  # average-pool the image by this factor first (pixels, 2: 14 x 14 = 196 steps)
 
     def check(self) -> None:
         super().check()
         need(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}")
         need(self.recurrent_gain > 0, "recurrent_gain", f"must be > 0, got {self.recurrent_gain}")
+        _divides_28(self.downsample, "downsample")
 
 
 @dataclass
@@ -98,6 +106,29 @@ class RNNConfig(LSTMConfig):
     name: str = "rnn"
     nonlinearity: str = choice("tanh", "relu")
     recurrent_init: str = choice("orthogonal", "default", "identity")
+
+
+@dataclass
+class ViTConfig(ModelSchema):
+    name: str = "vit"
+    norm: str = choice("layernorm", "none")  # pre-LN blocks and a final LayerNorm; none: no LayerNorm at all
+    patch: int = 7  # square patches: (28 / patch)^2 tokens of patch^2 pixels
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: int = 2  # hidden width of each block's MLP = mlp_ratio * dim
+    qk_norm: bool = False  # LayerNorm on each head's queries and keys (Dehghani et al. 2023)
+    logit_softcap: Optional[float] = None  # attention logits -> c tanh(logits / c) (Gemma 2: 50); null: off
+
+    def check(self) -> None:
+        super().check()
+        _divides_28(self.patch, "patch")
+        need(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        need(self.heads >= 1 and self.dim >= 1 and self.dim % self.heads == 0, "heads",
+             f"must divide dim ({self.dim}), got {self.heads}")
+        need(self.mlp_ratio >= 1, "mlp_ratio", f"must be >= 1, got {self.mlp_ratio}")
+        need(self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap",
+             f"must be > 0 (or null: off), got {self.logit_softcap}")
 
 
 def norm_layer(kind: str, features: int, conv: bool = False) -> nn.Module:
@@ -172,8 +203,8 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, cfg, data):
         super().__init__()
-        self.sequence = data.sequence
-        n_in = 28 if self.sequence == "rows" else 1
+        self.sequence, self.downsample = data.sequence, cfg.downsample
+        n_in = 28 // cfg.downsample if self.sequence == "rows" else 1
         if cfg.name == "lstm":
             self.rnn = nn.LSTM(n_in, cfg.hidden, batch_first=True)
         else:
@@ -182,12 +213,86 @@ class SequenceClassifier(nn.Module):
         self.head = nn.Linear(cfg.hidden, 10)
 
     def as_sequence(self, x):
-        """Images [B, 1, 28, 28] -> the sequences the recurrent layer reads, [B, T, features]."""
-        return x.view(x.shape[0], 28, 28) if self.sequence == "rows" else x.view(x.shape[0], 784, 1)
+        """Images [B, 1, 28, 28] (average-pooled by ``downsample``) -> the sequences the recurrent
+        layer reads, [B, T, features]."""
+        if self.downsample > 1:
+            x = F.avg_pool2d(x, self.downsample)
+        side = x.shape[-1]
+        return x.reshape(x.shape[0], side, side) if self.sequence == "rows" else x.reshape(x.shape[0], side * side, 1)
 
     def forward(self, x):
         out, _ = self.rnn(self.as_sequence(x))
         return self.head(self.norm(out[:, -1]))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with its logits computed in the open (not F.scaled_dot_product_attention,
+    which hides them): logits = q k^T / sqrt(d_head), with q, k LayerNorm'ed per head (``qk_norm``:
+    Dehghani et al. 2023, arXiv 2302.05442; Wortsman et al. 2023, arXiv 2309.14322) and soft-capped
+    to c tanh(logits / c) (``logit_softcap``: Gemma 2, arXiv 2408.00118). Each forward writes its
+    largest logit (before the cap: the growth the cap hides from the softmax) into the buffer
+    ``logit_max``, which the telemetry reads without a host sync."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, softcap: Optional[float]):
+        super().__init__()
+        self.heads, self.softcap = heads, softcap
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
+        self.register_buffer("logit_max", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        logits = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
+        self.logit_max.copy_(logits.detach().amax())
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        out = logits.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """A pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.norm2 = norm_layer(cfg.norm, cfg.dim), norm_layer(cfg.norm, cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.qk_norm, cfg.logit_softcap)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim), nn.GELU(),
+                                 nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+@MODELS.register("vit", ViTConfig)
+class ViT(nn.Module):
+    """A small vision transformer (Dosovitskiy et al. 2021): the image as (28 / patch)^2 patch tokens
+    (a linear embedding plus a learned position embedding), ``depth`` pre-LN blocks, mean pooling,
+    a final LayerNorm and the ``head``. ``probes()`` names each block's largest attention logit."""
+
+    def __init__(self, cfg, data=None):
+        super().__init__()
+        self.patch = cfg.patch
+        self.embed = nn.Linear(cfg.patch ** 2, cfg.dim)
+        self.pos = nn.Parameter(torch.randn(1, (28 // cfg.patch) ** 2, cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = norm_layer(cfg.norm, cfg.dim)
+        self.head = nn.Linear(cfg.dim, 10)
+
+    def forward(self, x):
+        tokens = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # [B, patches, patch^2]
+        h = self.embed(tokens) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(dim=1))
+
+    def probes(self) -> Dict[str, torch.Tensor]:
+        return {f"attn/logit_max/{i}": block.attn.logit_max for i, block in enumerate(self.blocks)}
 
 
 def init_weights(model: nn.Module, cfg) -> None:

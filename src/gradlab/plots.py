@@ -4,7 +4,7 @@ non-finite value is an 'x' on the top edge of the axes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -58,9 +58,29 @@ def _plot_with_nonfinite(ax, steps, values, **kw):
                    label=f"{kw.get('label', '')} non-finite")
 
 
+FAULT_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def fault_marks(ax, faults: Dict[str, List[Tuple[int, int]]]) -> None:
+    """Each injected fault: a triangle on the top edge at every step it starts acting, and a
+    shaded band over the steps it lasts (lr_spike, shift); one legend entry per fault."""
+    for i, (name, spans) in enumerate(faults.items()):
+        color = FAULT_COLORS[i % len(FAULT_COLORS)]
+        if not spans:
+            continue
+        steps = sum(end - start for start, end in spans)
+        ax.scatter([s for s, _ in spans], np.ones(len(spans)), marker="v", s=40, color=color, zorder=6,
+                   transform=ax.get_xaxis_transform(), clip_on=False, label=f"fault {name} ({steps} steps)")
+        for start, end in spans:
+            if end - start > 1:
+                ax.axvspan(start, end - 1, color=color, alpha=0.12, lw=0)
+
+
 def norm_history(steps, pre, post, coef, skipped, threshold, path: Path, max_norm: Optional[float] = None,
-                 explosion_step: Optional[int] = None, diverged_step: Optional[int] = None, title: str = "") -> Path:
-    """Global gradient norm before and after the stabilizers, with clip and skip events."""
+                 explosion_step: Optional[int] = None, diverged_step: Optional[int] = None, title: str = "",
+                 faults: Optional[Dict[str, List[Tuple[int, int]]]] = None) -> Path:
+    """Global gradient norm before and after the stabilizers, with clip and skip events and the
+    injected faults."""
     fig, ax = plt.subplots(figsize=(10, 4.5))
     steps = np.asarray(steps)
     ax.set_yscale("log")
@@ -84,6 +104,7 @@ def norm_history(steps, pre, post, coef, skipped, threshold, path: Path, max_nor
         ax.axvline(explosion_step, color="red", ls="--", lw=1, label=f"explosion flagged @ {explosion_step}")
     if diverged_step is not None:
         ax.axvline(diverged_step, color="black", ls="-", lw=1.2, label=f"diverged @ {diverged_step}")
+    fault_marks(ax, faults or {})
     ax.set_xlabel("step")
     ax.set_ylabel("global gradient L2 norm")
     ax.set_title(title or "gradient norm before / after stabilizers")

@@ -64,8 +64,9 @@ def summary(h: History, diverged_at: Optional[int], seconds: float, explosion: E
 
 
 def plot(recorder: Recorder, out_dir: Path, title: str, explosion: Explosion, diverged_at: Optional[int],
-         max_norm: Optional[float]) -> list:
-    """grad_layer_heatmap.png and grad_norm.png in ``out_dir``; returns their paths."""
+         max_norm: Optional[float], faults: Optional[dict] = None) -> list:
+    """grad_layer_heatmap.png and grad_norm.png in ``out_dir`` (``faults``: the injected faults' step
+    spans, marked on the norm plot); returns their paths."""
     h, layers = recorder.history, recorder.layers
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ def plot(recorder: Recorder, out_dir: Path, title: str, explosion: Explosion, di
                                 explosion.step, title),
             plots.norm_history(h.steps, h.column("grad/norm"), h.column("grad/norm_after"), h.column("grad/clip_coef"),
                                h.column("grad/skipped"), h.column("grad/threshold"), out_dir / "grad_norm.png",
-                               max_norm, explosion.step, diverged_at, title)]
+                               max_norm, explosion.step, diverged_at, title, faults=faults)]
 
 
 def log_end(run, h: History, metrics: dict, tags: dict, plot_paths: list) -> None:

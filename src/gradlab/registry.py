@@ -1,6 +1,6 @@
 """Registries: the one place each option name is declared, with its config schema.
 
-A model, stabilizer, optimizer or scheduler registers itself where it is defined::
+A model, stabilizer, fault, optimizer or scheduler registers itself where it is defined::
 
     @STABILIZERS.register("clip", ClipConfig, order=40)
     class ClipNorm(Stabilizer): ...
@@ -92,5 +92,6 @@ class Registry:
 
 MODELS = Registry("model")
 STABILIZERS = Registry("stabilizer")
+FAULTS = Registry("fault")  # injected failures (gradlab.faults)
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")

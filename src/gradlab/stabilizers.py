@@ -105,6 +105,7 @@ class GradStep:
     modified: bool = False
     skipped: Optional[torch.Tensor] = None  # after the update: whether it was skipped (by anyone)
     applied_norm: Optional[torch.Tensor] = None  # after the update: the L2 norm applied (0 if skipped)
+    fault: Optional[torch.Tensor] = None  # 1 when an injected fault acted on this step (gradlab.faults)
 
     def current_norm(self) -> torch.Tensor:
         if self.norm is None:
@@ -140,11 +141,11 @@ class GradStep:
             return torch.ones((), device=self.pre_norm.device)
         return torch.where(self.pre_norm > 0, self.current_norm() / self.pre_norm, 1.0)
 
-    @property
-    def threshold_or_nan(self) -> torch.Tensor:
-        if self.threshold is None:
+    def or_nan(self, value: Optional[torch.Tensor]) -> torch.Tensor:
+        """An optional per-step scalar for telemetry: NaN (not logged) when it was not set."""
+        if value is None:
             return torch.full((), float("nan"), device=self.pre_norm.device)
-        return self.threshold.float()
+        return value.float()
 
 
 class Stabilizer:

@@ -1,8 +1,9 @@
 """Per-step gradient telemetry: recorded on the device, copied to the host once per interval.
 
 Each step writes one row of device scalars (loss, pre/post norm, clip coefficient,
-skipped flag, adaptive threshold) and the per-layer gradient norms into a
-preallocated buffer. The per-layer norms cost one scatter of the per-tensor norms the
+skipped flag, adaptive threshold, injected fault), the model's probes (e.g. a
+transformer's largest attention logit per layer, read from module buffers its forward
+filled) and the per-layer gradient norms into a preallocated buffer. The per-layer norms cost one scatter of the per-tensor norms the
 global norm needs anyway, so the host keeps them for every step (the explosion
 warning and the heatmap use full resolution); MLflow gets them, and the
 update-to-weight ratios (which need a parameter snapshot), every
@@ -33,9 +34,18 @@ STEP_METRICS = {
     "grad/norm_after": lambda g: g.applied_norm,  # what the optimizer applied (0 on a skipped step)
     "grad/clip_coef": lambda g: g.clip_coef,  # what the clippers did: norm after / before (skips aside)
     "grad/skipped": lambda g: g.skipped.float(),
-    "grad/threshold": lambda g: g.threshold_or_nan,  # the last adaptive one in the run order; NaN: not logged
+    "grad/threshold": lambda g: g.or_nan(g.threshold),  # the last adaptive one in the run order
+    "fault/active": lambda g: g.or_nan(g.fault),  # 1: an injected fault acted on this step (gradlab.faults)
 }
 STEP_KEYS = list(STEP_METRICS)
+OPTIONAL_KEYS = ("grad/threshold", "fault/active")  # NaN at a step: nothing to log (no threshold, no fault selected)
+
+
+def model_probes(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Per-step device scalars a model fills during its forward pass (``model.probes()``, e.g.
+    ``attn/logit_max/0``): the recorder copies them into each row, so reading them costs no sync."""
+    probes = getattr(model, "probes", None)
+    return dict(probes()) if callable(probes) else {}
 
 
 @dataclass
@@ -87,6 +97,8 @@ class History:
     layers: List[str] = field(default_factory=list)
     steps: List[int] = field(default_factory=list)
     rows: List[np.ndarray] = field(default_factory=list)  # [n, len(STEP_KEYS)]
+    probes: List[str] = field(default_factory=list)  # the model's probe names (model_probes)
+    probe_rows: List[np.ndarray] = field(default_factory=list)  # [n, len(probes)]: every step
     lr: List[float] = field(default_factory=list)
     layer_grad: List[np.ndarray] = field(default_factory=list)  # [n, L]: every step
     ratio_steps: List[int] = field(default_factory=list)  # the layer_every steps
@@ -103,18 +115,24 @@ class History:
         """Per-layer gradient norms, [steps, layers]."""
         return np.concatenate(self.layer_grad) if self.layer_grad else np.zeros((0, n_layers))
 
+    def probe_grid(self) -> np.ndarray:
+        """The model's probes, [steps, probes]."""
+        return np.concatenate(self.probe_rows) if self.probe_rows else np.zeros((len(self.steps), len(self.probes)))
+
     def points(self, start: int = 0) -> List[tuple]:
         """The MLflow points (key, value, step) of the steps from index ``start`` on: every step's
         STEP_METRICS and lr; per-layer norms and update ratios on the layer steps."""
         rows = np.concatenate(self.rows)[start:] if self.rows else np.zeros((0, len(STEP_KEYS)))
         grads = self.layer_grid(len(self.layers))[start:]
+        probes = self.probe_grid()[start:]
         ratios = dict(zip(self.ratio_steps, self.layer_ratio))
         out = []
         for j, step in enumerate(self.steps[start:]):
             for key, value in zip(STEP_KEYS, rows[j]):
-                if key != "grad/threshold" or np.isfinite(value):  # NaN: no adaptive threshold at this step
+                if key not in OPTIONAL_KEYS or not np.isnan(value):
                     out.append((key, value, step))
             out.append(("lr", self.lr[start + j], step))
+            out += [(name, v, step) for name, v in zip(self.probes, probes[j])]
             if step in ratios:
                 out += [(f"grad/layer/{name}", g, step) for name, g in zip(self.layers, grads[j])]
                 out += [(f"update_ratio/{name}", r, step) for name, r in zip(self.layers, ratios[step])]
@@ -125,6 +143,7 @@ class History:
         n = sum(1 for s in self.steps if s <= last_step)
         self.rows = [np.concatenate(self.rows)[:n]] if self.rows else []
         self.layer_grad = [np.concatenate(self.layer_grad)[:n]] if self.layer_grad else []
+        self.probe_rows = [self.probe_grid()[:n]] if self.probe_rows else []
         self.steps, self.lr = self.steps[:n], self.lr[:n]
         m = sum(1 for s in self.ratio_steps if s <= last_step)
         self.ratio_steps, self.layer_ratio = self.ratio_steps[:m], self.layer_ratio[:m]
@@ -139,6 +158,7 @@ class History:
                 "rows": torch.from_numpy(np.concatenate(self.rows)) if self.rows
                 else torch.zeros((0, len(STEP_KEYS)), dtype=torch.float64),
                 "layer_grad": torch.from_numpy(self.layer_grid(n_layers)),
+                "probes": list(self.probes), "probe_rows": torch.from_numpy(self.probe_grid()),
                 "ratio_steps": torch.tensor(self.ratio_steps, dtype=torch.long),
                 "layer_ratio": torch.from_numpy(np.stack(self.layer_ratio)) if self.layer_ratio else empty,
                 "epoch_points": [(k, float(v), int(s)) for k, v, s in self.epoch_points],
@@ -147,8 +167,13 @@ class History:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.layers = list(state["layers"])
         self.steps, self.lr = state["steps"].tolist(), state["lr"].tolist()
-        self.rows = [state["rows"].numpy()] if len(self.steps) else []
+        rows = state["rows"].numpy()
+        if rows.shape[1] < len(STEP_KEYS):  # a checkpoint from before a series existed: it was never set
+            rows = np.pad(rows, ((0, 0), (0, len(STEP_KEYS) - rows.shape[1])), constant_values=np.nan)
+        self.rows = [rows] if len(self.steps) else []
         self.layer_grad = [state["layer_grad"].numpy()] if len(self.steps) else []
+        self.probes = list(state.get("probes", []))
+        self.probe_rows = [state["probe_rows"].numpy()] if len(self.steps) and self.probes else []
         self.ratio_steps = state["ratio_steps"].tolist()
         self.layer_ratio = list(state["layer_ratio"].numpy())
         self.epoch_points = [tuple(p) for p in state["epoch_points"]]
@@ -158,16 +183,19 @@ class History:
 class Recorder:
     """Device-side per-step buffer; ``flush`` moves the pending rows to the host history."""
 
-    def __init__(self, param_names: Sequence[str], device: torch.device, log_every: int, layer_every: int):
+    def __init__(self, param_names: Sequence[str], device: torch.device, log_every: int, layer_every: int,
+                 probes: Optional[Dict[str, torch.Tensor]] = None):
         self.layers, index = group_layers(param_names)
         self.index = index.to(device)
         self.device, self.log_every, self.layer_every = device, log_every, layer_every
+        self.probes = dict(probes or {})
         n_layers = len(self.layers)
-        # one row per step: the step scalars, then per-layer grad norms and update ratios
-        self.buf = torch.full((log_every, len(STEP_KEYS) + 2 * n_layers), float("nan"), device=device)
+        # one row per step: the step scalars, the probes, then per-layer grad norms and update ratios
+        self.buf = torch.full((log_every, len(STEP_KEYS) + len(self.probes) + 2 * n_layers), float("nan"),
+                              device=device)
         self.pending_steps: List[int] = []
         self.pending_lr: List[float] = []
-        self.history = History(layers=list(self.layers))
+        self.history = History(layers=list(self.layers), probes=list(self.probes))
 
     def is_layer_step(self, step: int) -> bool:
         return step % self.layer_every == 0
@@ -177,7 +205,10 @@ class Recorder:
         """One row: STEP_METRICS of the finished GradStep, per-layer gradient norms and, on a
         layer step, per-layer update-to-weight ratios. Device work only."""
         n = len(self.layers)
-        parts = [torch.stack([read(gs) for read in STEP_METRICS.values()]), layer_norms(gs.per_tensor, self.index, n)]
+        parts = [torch.stack([read(gs) for read in STEP_METRICS.values()])]
+        if self.probes:
+            parts.append(torch.stack([p.detach().float() for p in self.probes.values()]))
+        parts.append(layer_norms(gs.per_tensor, self.index, n))
         if old_params is not None:
             delta = tensor_norms(torch._foreach_sub([p.detach() for p in params], old_params))
             d = layer_norms(delta, self.index, n)
@@ -199,18 +230,21 @@ class Recorder:
             return []
         host = self.buf[:n].cpu().numpy().astype(np.float64)
         self.buf.fill_(float("nan"))
-        k, nl = len(STEP_KEYS), len(self.layers)
+        k, npr, nl = len(STEP_KEYS), len(self.probes), len(self.layers)
+        g = k + npr  # where the per-layer grad norms start
         h = self.history
         start = len(h.steps)
         lrs = [float(lr) for lr in self.pending_lr]  # a tensor lr (a user's optimizer) is read here, not per step
         for j, step in enumerate(self.pending_steps):
             if self.is_layer_step(step):
                 h.ratio_steps.append(step)
-                h.layer_ratio.append(host[j, k + nl:k + 2 * nl])
+                h.layer_ratio.append(host[j, g + nl:g + 2 * nl])
         h.steps += self.pending_steps
         h.lr += lrs
         h.rows.append(host[:, :k])
-        h.layer_grad.append(host[:, k:k + nl])
+        if npr:
+            h.probe_rows.append(host[:, k:g])
+        h.layer_grad.append(host[:, g:g + nl])
         self.pending_steps, self.pending_lr = [], []
         return h.points(start)
 

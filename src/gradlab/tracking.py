@@ -251,16 +251,18 @@ def source_tags() -> Dict[str, str]:
 
 def run_tags(cfg, device, data_checksum: str) -> Dict[str, str]:
     """What a training run is, as tags: the columns to filter and group by in the MLflow UI."""
+    from .faults import fault_label
     from .stabilizers import stabilizer_label
 
     return {**source_tags(), "model": cfg.model.name, "optimizer": cfg.optimizer.name, "data": cfg.data.name,
-            "stabilizer": stabilizer_label(cfg.stabilizer), "scenario": cfg.scenario, "seed": cfg.seed,
+            "stabilizer": stabilizer_label(cfg.stabilizer), "fault": fault_label(cfg.get("fault")),
+            "scenario": cfg.scenario, "seed": cfg.seed,
             "scheduler": cfg.scheduler.name, "git_commit": git_commit(), "data_checksum": data_checksum,
             "config_hash": config_hash(flatten(cfg)), **environment_tags(device),
             **{str(k): str(v) for k, v in (cfg.tracking.tags or {}).items()}}
 
 
-DERIVED_PARAMS = ("stabilizer",)  # logged beside the config for MLflow's views; not config keys themselves
+DERIVED_PARAMS = ("stabilizer", "fault")  # logged beside the config for MLflow's views; not config keys themselves
 RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress",
                      "trainer.log_checkpoint", "trainer.log_model", "trainer.strategy")  # besides tracking.*
 

@@ -39,6 +39,7 @@ from .engine import StepEngine
 from .evaluation import evaluate_split
 from .foresight import Foresight
 from .forensics import Snapshots, find_bad_step, investigate
+from .faults import fault_label
 from .models import build_model
 from .record import MAX_CONSECUTIVE_SKIPS, now_ms
 from .stabilizers import stabilizer_label
@@ -252,7 +253,8 @@ class Trainer:
                 run.set_tags({"mlflow.runName": cfg.tracking.run_name})
         else:
             # the selection as one param too: MLflow's compare and parallel-coordinates views use params
-            run.log_params({**flatten(cfg), "stabilizer": stabilizer_label(cfg.stabilizer)})
+            run.log_params({**flatten(cfg), "stabilizer": stabilizer_label(cfg.stabilizer),
+                            "fault": fault_label(cfg.fault)})
             run.log_dataset(self.dataset_name(), self.data_checksum, self.data_source(), self.data_sizes)
         if cfg.tracking.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -428,9 +430,12 @@ class Trainer:
     def plot(self, run_id: str, explosion: Explosion) -> list:
         cfg = self.cfg
         title = f"{run_id[:8]} {cfg.model.name} {stabilizer_label(cfg.stabilizer)} seed {cfg.seed}"
+        if self.engine.faults.faults:
+            title += f" fault {fault_label(cfg.fault)}"
         clip = cfg.stabilizer.get("clip")
         return record.plot(self.engine.recorder, self.output_dir, title, explosion, self.divergence.step,
-                           clip.max_norm if clip is not None else None)
+                           clip.max_norm if clip is not None else None,
+                           self.engine.faults.spans(self.history.steps[-1] + 1))
 
     def investigate(self, run: RunLogger, explosion: Explosion) -> None:
         """Forensics of the bad step (gradlab.forensics), from the last snapshot before it: tags
