@@ -117,7 +117,8 @@ def test_progress_lines_without_a_terminal(tmp_path, monkeypatch, capsys):
     logging.getLogger("gradlab").addHandler(handler)
     logging.getLogger("gradlab").setLevel(logging.INFO)
     try:
-        train(compose(tiny_overrides(tmp_path, "telemetry.log_every=5", "trainer.progress=true", steps=20)),
+        train(compose(tiny_overrides(tmp_path, "telemetry.log_every=5", "telemetry.sharpness_every=0",
+                                     "trainer.progress=true", steps=20)),
               tmp_path / "out")
     finally:
         logging.getLogger("gradlab").removeHandler(handler)
