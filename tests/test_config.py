@@ -233,7 +233,7 @@ def test_cli_unknown_option_lists_the_choices(cli_results):
     _, _, stderr = cli_results["unknown_option"]
     line = stderr.strip()
     assert "model/foo" in line
-    assert "available: cnn, deep_mlp, lstm, mlp, rnn)" in line
+    assert "available: cnn, deep_mlp, lstm, mlp, rnn, vit)" in line
     assert "search path" not in line  # Hydra's search-path dump is not an option list
 
 
