@@ -247,7 +247,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         logits = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
-        self.logit_max.copy_(logits.detach().amax())
+        if not torch._C._functorch.is_functorch_wrapped_tensor(logits):  # not inside torch.func (the gauge)
+            self.logit_max.copy_(logits.detach().amax())
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         out = logits.softmax(dim=-1) @ v
