@@ -384,3 +384,15 @@ def test_a_run_with_free_form_tags_resumes(tmp_path):
     again = train(tiny_cfg(tmp_path, f"trainer.resume={first.checkpoint}", steps=10), tmp_path / "again")
     assert again.steps == 10
     assert [s for s, _ in history(first.tracking_uri, again.run_id, "grad/norm")] == list(range(10))
+
+
+def test_a_run_stops_within_two_steps_of_its_divergence(tmp_path):
+    """No training on NaN until the next flush (log_every 50 > the 40-step budget here): the loop
+    reads the engine's divergence flag (one step late on CUDA) and stops; MLflow's history ends at
+    the divergence step."""
+    trainer = Trainer(tiny_cfg(tmp_path, "optimizer=sgd", "optimizer.lr=1e12", "telemetry.log_every=50", steps=40),
+                      tmp_path / "out")
+    result = trainer.fit()
+    assert result.diverged and result.diverged_at_step < 10
+    assert trainer.engine.step_count <= result.diverged_at_step + 2
+    assert [s for s, _ in history(result.tracking_uri, result.run_id, "grad/norm")][-1] == result.diverged_at_step

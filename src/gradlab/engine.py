@@ -66,6 +66,7 @@ class UpdatePipeline:
     def __init__(self, stack: StabilizerStack, recorder: Recorder, optimizer):
         self.stack, self.recorder, self.optimizer = stack, recorder, optimizer
         self.pending: Optional[PendingUpdate] = None
+        self.diverged: Optional[torch.Tensor] = None  # device flag, sticky: a non-finite loss or update was applied
 
     def begin(self, loss: torch.Tensor, step: int, lr, fault: Optional[torch.Tensor] = None) -> bool:
         """Stabilize the gradients and snapshot what a skip restores; False when the optimizer step
@@ -86,6 +87,8 @@ class UpdatePipeline:
         if not_applied is not None:
             skipped = skipped | not_applied
         p.gs.finish(skipped)
+        bad = ~torch.isfinite(p.gs.applied_norm) | (~torch.isfinite(p.gs.loss) & ~skipped)  # DivergenceWatch's rule
+        self.diverged = bad if self.diverged is None else self.diverged | bad
         self.recorder.record(p.step, p.lr, p.gs, old_params=old,
                              params=self.stack.params if p.snapshot.keep_old_params else None)
 

@@ -83,6 +83,31 @@ class TrainResult:
     rank: int = 0  # under torchrun: this process's rank (every rank returns the same record)
 
 
+class DivergenceFlag:
+    """Stop within a step or two of a divergence without a host sync per step: the engine's sticky
+    device flag (gradlab.engine.UpdatePipeline.diverged) is copied to pinned host memory without
+    blocking and read at the next step, once its copy is done (a CUDA event). On the CPU there is no
+    device to wait for: the flag is read at once."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.copied = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+
+    def raised(self, flag: Optional[torch.Tensor]) -> bool:
+        if flag is None:
+            return False
+        if not self.cuda:
+            return bool(flag)
+        seen = self.pending and self.copied.query() and bool(self.host)
+        if not self.pending or self.copied.query():  # the last copy is done: start the next one
+            self.host.copy_(flag, non_blocking=True)
+            self.copied.record()
+            self.pending = True
+        return seen
+
+
 class StopSignal:
     """SIGTERM / SIGINT while training set a flag that the loop reads between steps (a handler
     raising mid-step could leave a half-applied update); the loop then saves and exits. The
@@ -145,6 +170,7 @@ class Trainer:
         self.engine = StepEngine(cfg, model, self.device, self.total_steps, self.order.batches_per_epoch,
                                  self.parallel)
         self.divergence = DivergenceWatch(MAX_CONSECUTIVE_SKIPS)
+        self.diverging = DivergenceFlag(self.device)
         self.foresight = Foresight(cfg, self.engine)
         self.snapshots = Snapshots(cfg.forensics.snapshot_every, cfg.forensics.keep)
         self.checkpoint_path = Path(cfg.trainer.checkpoint or self.output_dir / "model.pt").resolve()
@@ -182,8 +208,9 @@ class Trainer:
                     for x, y in self.order.batches(self.train_data):
                         measured = self.foresight.before_step(self.engine.step_count, x, y)
                         self.engine.step(x, y)
-                        if self.engine.recorder.full or measured:  # a measurement is read at once
-                            self.flush(run)
+                        diverging = self.diverging.raised(self.engine.pipeline.diverged)
+                        if self.engine.recorder.full or measured or diverging:
+                            self.flush(run)  # a measurement is read at once; a divergence ends the run now
                         if self.done or self.stopping(stop):
                             break
                     if self.stopping(stop):
