@@ -40,6 +40,7 @@ from .data import MEAN, STD, EpochOrder
 from .engine import StepEngine
 from .models import build_model
 from .registry import STABILIZERS, Schema, need
+from .sharpness import native_kernels
 from .telemetry import STEP_KEYS, History
 
 HISTORY_FED = 1000  # recorded steps fed to an adaptive stabilizer before its counterfactual step
@@ -269,7 +270,8 @@ def attribute(cfg, state: dict, batch: tuple, device, top_k: int, out_dir: Path,
     model = build_model(cfg.model, cfg.data).to(device)
     model.load_state_dict(state["model"])
     model.eval()
-    norms = per_sample_grad_norms(model, x, y, cfg.loss.label_smoothing).detach().cpu().double().numpy()
+    with native_kernels():  # cuDNN's RNN does not run under torch.func
+        norms = per_sample_grad_norms(model, x, y, cfg.loss.label_smoothing).detach().cpu().double().numpy()
     with torch.no_grad():
         logits = model(x).float()
         losses = F.cross_entropy(logits, y, reduction="none").cpu().double().numpy()

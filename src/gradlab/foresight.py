@@ -66,12 +66,22 @@ class Gauge:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.vector: Optional[List[torch.Tensor]] = None  # the last eigenvector: the next warm start
         self.pending: List[tuple] = []  # (step, limit, device row: lambda, ratio, growth, layer shares...)
+        self.unavailable: Optional[str] = None  # why the gauge turned itself off (the run goes on without it)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
     def measure(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One measurement at the weights before ``step``'s update, on its batch. Device work only."""
+        """One measurement at the weights before ``step``'s update, on its batch. Device work only.
+        A model the transforms cannot differentiate twice turns the gauge off, never the run."""
+        try:
+            with sharpness.native_kernels():
+                self._measure(step, x, y)
+        except RuntimeError as exc:
+            self.every, self.unavailable = 0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            print(f"gradlab: the sharpness gauge is off for this run ({self.unavailable})", file=sys.stderr)
+
+    def _measure(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         e = self.engine
         m = sharpness.measure(e.model, e.optimizer, self.cfg.optimizer, x, y, e.schedule.lr,
                               self.iters if self.vector is not None else COLD_ITERS, self.vector,

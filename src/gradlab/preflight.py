@@ -237,6 +237,11 @@ def first_batches(trainer, n: int = BATCHES):
 
 def preflight(trainer) -> Report:
     """The report for ``trainer``'s run, before its next update (its first, unless resumed)."""
+    with sharpness.native_kernels():
+        return _report(trainer)
+
+
+def _report(trainer) -> Report:
     cfg, engine = trainer.cfg, trainer.engine
     batches = first_batches(trainer)
     smooth = cfg.loss.label_smoothing

@@ -48,11 +48,12 @@ class ParentRun:
 def child_config(overrides: Sequence[str], out_dir: Path, parent_run_id: str, uri: str, experiment: str,
                  run_name: Optional[str] = None, tags: Optional[Dict[str, Any]] = None, resume: Optional[Path] = None):
     """The checked config of a child run. Children keep their checkpoint locally, not as an artifact
-    (a 72-run matrix would store hundreds of MB), unless ``trainer.log_checkpoint=true`` is given.
+    (a 72-run matrix would store hundreds of MB), unless ``trainer.log_checkpoint=true`` is given, and
+    do not replay their bad step (forensics costs 20-80 s per diverged run: ``forensics.investigate=true``).
     Paths, the URI and names are set on the composed config rather than passed as overrides: no
     Hydra quoting trouble with odd characters. ``resume``: the checkpoint an interrupted child
     continues from."""
-    cfg = compose_config(["trainer.log_checkpoint=false", *overrides])  # an explicit override still wins
+    cfg = compose_config(["trainer.log_checkpoint=false", "forensics.investigate=false", *overrides])  # explicit wins
     OmegaConf.update(cfg, "trainer.checkpoint", str(Path(out_dir) / "model.pt"))
     if resume is not None:
         OmegaConf.update(cfg, "trainer.resume", str(resume))

@@ -26,6 +26,14 @@ from torch.func import functional_call, grad, vjp
 Vector = List[torch.Tensor]
 
 
+def native_kernels():
+    """cuDNN's RNN kernels support neither torch.func transforms nor double backward; what
+    differentiates twice (the gauge, the preflight, per-sample gradients) runs torch's own kernels
+    (the same arithmetic up to rounding) inside this context. No effect on the CPU."""
+    return torch.backends.cudnn.flags(enabled=False, benchmark=False,
+                                      deterministic=torch.backends.cudnn.deterministic)
+
+
 # ---------------------------------------------------------------- stability limits
 def stability_limit(cfg_opt, lr: float) -> float:
     """The largest (preconditioned) curvature the optimizer's update is stable on, at learning rate ``lr``.

@@ -264,15 +264,16 @@ def run_tags(cfg, device, data_checksum: str) -> Dict[str, str]:
 
 DERIVED_PARAMS = ("stabilizer", "fault")  # logged beside the config for MLflow's views; not config keys themselves
 RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress",
-                     "trainer.log_checkpoint", "trainer.log_model", "trainer.strategy")  # besides tracking.*
+                     "trainer.log_checkpoint", "trainer.log_model", "trainer.strategy",
+                     "trainer.preflight")  # besides tracking.* and forensics.*: what a run writes, not how it trains
 
 
 def config_hash(params: Dict[str, str]) -> str:
     """12 hex digits naming a run's configuration without what differs between the seeds and
-    reruns of one experiment (seed, file paths, tracking.*): every seed of a matrix cell, and
+    reruns of one experiment (seed, file paths, tracking.*, forensics.*): every seed of a matrix cell, and
     the same cell run again, share it. ``params`` is ``flatten(cfg)`` or a run's logged params."""
     kept = {k: v for k, v in params.items()
-            if k not in RUN_SPECIFIC_KEYS + DERIVED_PARAMS and not k.startswith("tracking.")}
+            if k not in RUN_SPECIFIC_KEYS + DERIVED_PARAMS and not k.startswith(("tracking.", "forensics."))}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -424,6 +424,8 @@ class Trainer:
         tags["outcome"] = self.outcome()
         warning = self.foresight.watch.warning
         tags["warned"] = str(warning is not None).lower()
+        if self.foresight.gauge.unavailable:
+            tags["sharpness/unavailable"] = self.foresight.gauge.unavailable
         if warning is not None:
             metrics["warning/step"] = float(warning.step)
         return metrics, tags
