@@ -3,6 +3,7 @@
 Usage (DVC runs it without arguments):
   python pipelines/matrix.py                                   # the matrix in params.yaml
   python pipelines/matrix.py --jobs 2                          # two training processes
+  python pipelines/matrix.py --profile gpu                     # params.yaml `matrix_gpu:` (CUDA scenarios)
   python pipelines/matrix.py --scenarios explode_rnn --remedies none clip lstm irnn --seeds 0 1
   python pipelines/matrix.py --scenarios explode_rnn --stabilizers none clip "[warmup,clip]"   # the same, older name
   python pipelines/matrix.py --seeds 0 -- data=synthetic trainer.max_steps=8   # extra Hydra overrides (after --)
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides appended to matrix.overrides")
     p.add_argument("--params", default="params.yaml", help="file with the `matrix:` key (default: params.yaml)")
+    p.add_argument("--profile", help="another matrix of that file: --profile gpu reads `matrix_gpu:` (the GPU scenarios)")
     p.add_argument("--out", default="reports/matrix_runs.json", help="run list for the report")
     p.add_argument("--jobs", type=int, help="parallel training processes, or submitit jobs (default: matrix.jobs)")
     p.add_argument("--experiment", help="MLflow experiment (default: matrix.experiment)")
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         p.error("--seeds must be >= 0")
     if (a.jobs is not None and a.jobs < 1) or a.retries < 0 or a.timeout_min < 1 or a.cpus_per_task < 1:
         p.error("--jobs, --timeout-min and --cpus-per-task must be >= 1, --retries >= 0")
-    spec = narrow(load_spec(a.params), a.scenarios, a.remedies)
+    spec = narrow(load_spec(a.params, f"matrix_{a.profile}" if a.profile else "matrix"), a.scenarios, a.remedies)
     spec.experiment = a.experiment or spec.experiment
     spec.seeds = a.seeds or spec.seeds
     spec.overrides = [*spec.overrides, *a.overrides]

@@ -184,3 +184,20 @@ def test_a_norm_that_overflowed_with_every_tensor_finite_names_the_largest_gradi
     assert overflowed_norm(rep) == (2, "b.weight", "gradient norm overflow (every tensor finite)")
     h.rows = [np.ones((3, len(STEP_KEYS)))]
     assert overflowed_norm(rep) is None
+
+
+def test_history_is_fed_only_to_stabilizers_that_keep_global_values(tmp_path):
+    """AdaGC keeps one gamma per tensor and SPAM reads the optimizer's moments: the counterfactual
+    cannot feed them the recorded global norms (it raised "Tensor lists must have the same number
+    of tensors" for every diverged run once adagc was in the library); autoclip is fed."""
+    from gradlab.forensics import build_engine, feed_history
+
+    cfg = tiny_cfg(tmp_path, "stabilizer=[adagc,autoclip,spam]", "optimizer=adam")
+    engine, _ = build_engine(cfg, torch.device("cpu"), 64)
+    h = History(layers=["a"])
+    rows = np.zeros((5, len(STEP_KEYS)))
+    rows[:, STEP_KEYS.index("train/loss")], rows[:, STEP_KEYS.index("grad/norm")] = 2.0, [1, 2, 3, 4, 5]
+    h.steps, h.rows = list(range(5)), [rows]
+    feed_history(engine, ["adagc", "autoclip", "spam"], h, 5)
+    autoclip = next(s for s in engine.stack.stabilizers if s.name == "autoclip")
+    assert int(autoclip.history.count) == 5  # it saw the five recorded norms

@@ -315,12 +315,17 @@ def candidate_config(cfg, selection: List[str]):
     return c
 
 
+FED_BY_GLOBAL_NORMS = ("autoclip", "zclip", "spike_skip")  # their history is of global norms / losses only
+
+
 def feed_history(engine: StepEngine, fresh: List[str], history: History, step: int) -> None:
     """Give the adaptive stabilizers the run did not have the recorded losses and raw norms of the
-    steps before ``step`` (at most HISTORY_FED), as if they had watched the run."""
+    steps before ``step`` (at most HISTORY_FED), as if they had watched the run. Only those whose
+    history is of global values (FED_BY_GLOBAL_NORMS): AdaGC's is per tensor and SPAM's is the
+    optimizer's moments, which the record does not hold; they start from their warm-up."""
     from .stabilizers import GradStep
 
-    keep = [s for s in engine.stack.stabilizers if s.name in fresh and s.state_dict()]
+    keep = [s for s in engine.stack.stabilizers if s.name in fresh and s.name in FED_BY_GLOBAL_NORMS]
     if not keep:
         return
     rows = np.concatenate(history.rows) if history.rows else np.zeros((0, len(STEP_KEYS)))

@@ -177,14 +177,20 @@ def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
     return spec
 
 
-def load_spec(params_file: str | Path = "params.yaml") -> MatrixSpec:
+def load_spec(params_file: str | Path = "params.yaml", key: str = "matrix") -> MatrixSpec:
+    """The matrix under ``key`` (``matrix``, or a profile such as ``matrix_gpu``); the profile's
+    remedies extend the default matrix's, so the named remedies are defined once."""
     path = Path(params_file)
     if not path.exists():
-        raise ConfigError("matrix", f"{path} not found")
+        raise ConfigError(key, f"{path} not found")
     params = yaml.safe_load(path.read_text()) or {}
-    if "matrix" not in params:
-        raise ConfigError("matrix", f"no 'matrix:' key in {path}")
-    return spec_from_dict(params["matrix"] or {})
+    if key not in params:
+        profiles = ", ".join(k for k in params if k.startswith("matrix")) or "none"
+        raise ConfigError(key, f"no '{key}:' key in {path} (matrices there: {profiles})")
+    d = dict(params[key] or {})
+    if key != "matrix" and isinstance(params.get("matrix"), dict):
+        d["remedies"] = {**(params["matrix"].get("remedies") or {}), **(d.get("remedies") or {})}
+    return spec_from_dict(d)
 
 
 def narrow(spec: MatrixSpec, scenarios: Optional[Sequence[str]] = None,

@@ -446,11 +446,12 @@ class Trainer:
         import mlflow
         from mlflow.models import infer_signature
 
-        model = self.engine.model.eval()
-        x = self.val_data.x[:2]
+        # a CPU copy: MLflow exports it with the (host) input example, and it loads anywhere
+        model = copy.deepcopy(self.parallel.unwrap(self.engine.model)).cpu().eval()
+        x = self.val_data.x[:2].cpu()
         with torch.no_grad():
             logits = model(x).float()
-        example = x.cpu().numpy()
+        example = x.numpy()
         mlflow.set_tracking_uri(run.client.tracking_uri)
         with mlflow.start_run(run_id=run.run_id):  # MLflow's default format: a torch.export'ed graph, no pickle
             mlflow.pytorch.log_model(model, name="model", input_example=example,
