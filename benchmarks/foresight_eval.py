@@ -3,6 +3,7 @@
     python benchmarks/foresight_eval.py preflight [--seeds 0 1 2 3 4]   # preflight verdicts per config and seed
     python benchmarks/foresight_eval.py lead [--seeds 0 1 2 3 4]        # warning step vs first NaN, diverging presets
     python benchmarks/foresight_eval.py healthy [--seeds 0]             # the false-alarm suite: no warning expected
+    ... [--device cpu]                                                  # trainer.device of every run
 
 Every training run is a child of one MLflow parent run (experiment ``gradlab-foresight``), with
 the matrix's pinned arithmetic (``trainer.deterministic=true trainer.threads=1``). Prints Markdown.
@@ -26,6 +27,7 @@ from gradlab.foresight import HEALTHY_SUITE  # noqa: E402
 
 PINNED = ["trainer.deterministic=true", "trainer.threads=1", "trainer.progress=false", "telemetry.plots=false"]
 PRESETS = ["explode_deep_mlp", "explode_high_lr", "explode_rnn"]
+DIVERGING = [*PRESETS, "spike_lr"]  # the lead-time table: every preset that diverges, incl. a mid-training spike
 PREFLIGHT_CONFIGS = [["model=mlp"], ["model=cnn"]] + [[f"experiment={p}"] for p in PRESETS] + \
     [[f"experiment={p}", "stabilizer=clip"] for p in PRESETS]
 
@@ -103,7 +105,7 @@ def later_warning(trainer):
 
 
 def lead_table(seeds, dump) -> None:
-    rows = train_all([[f"experiment={p}"] for p in PRESETS], seeds, dump)
+    rows = train_all([[f"experiment={p}"] for p in DIVERGING], seeds, dump)
     print("| scenario | seed | warning step | first NaN step | lead (share of steps to divergence) | explosion flag | "
           "reason | without the step-0 gauge | first non-finite tensor | counterfactual: finite with |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -137,7 +139,9 @@ def main() -> None:
     ap.add_argument("what", choices=["preflight", "lead", "healthy"])
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--dump", default=None)
+    ap.add_argument("--device", default="auto", help="trainer.device for every run (auto: CUDA when present)")
     args = ap.parse_args()
+    PINNED.append(f"trainer.device={args.device}")
     if args.what == "preflight":
         preflight_table(args.seeds or [0, 1, 2, 3, 4])
     elif args.what == "lead":
