@@ -368,6 +368,7 @@ def test_read_only_store_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------- 10. reproducibility conditions
+@pytest.mark.slow  # the default suite's time budget (README: Tests)
 def test_same_thread_setting_reproduces_bit_for_bit_whatever_the_machine_default(tmp_path):
     """trainer.threads pins torch's intra-op threads: a process whose default is 2 threads
     (OMP_NUM_THREADS=2) and this one (1 thread, see conftest) give the same numbers, and the run

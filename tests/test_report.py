@@ -44,7 +44,8 @@ SPEC = spec_from_dict({
 CELLS = [("calm", "baseline", "none"), ("calm", "gradient-side", "clip"), ("calm", "architecture", "residual"),
          ("calm", "optimization", "lower_lr"), ("blowup", "baseline", "none"), ("blowup", "gradient-side", "clip"),
          ("blowup", "architecture", "residual"), ("blowup", "optimization", "lower_lr")]  # grouped by kind
-FILES = ["report.md", "report.html", "report.csv", "metrics.json", "accuracy.csv", "figures/test_accuracy.png",
+FILES = ["report.md", "report.html", "report.csv", "summary.json", "metrics.json", "accuracy.csv",
+         "figures/test_accuracy.png",
          "figures/grad_norm_calm.png", "figures/grad_norm_blowup.png"]
 
 
@@ -207,13 +208,17 @@ def test_report_files(matrix):
     assert np.allclose(acc.test_accuracy, table[table.applicable].test_accuracy_mean, atol=1e-6)
 
 
-def test_metrics_json_is_strict_and_matches_the_table(matrix):
-    text = (matrix["tmp"] / "reports" / "metrics.json").read_text()
-    metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+def test_summary_and_metrics_json_are_strict_and_match_the_table(matrix):
+    def strict(name):
+        text = (matrix["tmp"] / "reports" / name).read_text()
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c} in {name}"))
+
+    summary, metrics = strict("summary.json"), strict("metrics.json")
     table = matrix["report"].table.set_index(["scenario", "remedy"])
-    assert metrics["runs"] == 14 and metrics["diverged_runs"] == int(table.diverged_runs.sum())
-    assert metrics["not_applicable"] == 1
-    for scenario, figs in metrics["scenarios"].items():
+    assert summary["runs"] == metrics["runs"] == 14
+    assert summary["diverged_runs"] == metrics["diverged_runs"] == int(table.diverged_runs.sum())
+    assert summary["not_applicable"] == metrics["not_applicable"] == 1
+    for scenario, figs in summary["scenarios"].items():
         best = table.loc[scenario][table.loc[scenario].best]
         assert figs["best_remedy"] == best.index[0] and figs["best_kind"] == best.kind.iloc[0]
         assert figs["best_test_accuracy"] == pytest.approx(best.test_accuracy_mean.iloc[0])
@@ -221,6 +226,10 @@ def test_metrics_json_is_strict_and_matches_the_table(matrix):
         assert figs["best_of_kind"]["optimization"]["remedy"] == "lower_lr"
         assert figs["best_of_kind"]["optimization"]["parameters"] == table.loc[(scenario, "lower_lr"), "parameters"]
         assert figs["not_applicable"] == (scenario == "calm")
+        # dvc metrics show: two columns per scenario, nothing else
+        assert metrics[scenario] == {"best": pytest.approx(figs["best_test_accuracy"]),
+                                     "none": pytest.approx(figs["none_test_accuracy"])}
+    assert set(metrics) == {"runs", "diverged_runs", "not_applicable", *summary["scenarios"]}
 
 
 def test_report_is_logged_on_the_parent_run(matrix):
@@ -271,6 +280,7 @@ def compare(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # the default suite's time budget (README: Tests)
 def test_cli_filter_report(matrix, tmp_path):
     proc = compare("--experiment", EXPERIMENT, "--filter", "tags.scenario = 'blowup'", "--tracking-uri", matrix["uri"],
                    "--out", str(tmp_path / "out"), cwd=tmp_path)
@@ -293,6 +303,7 @@ def test_cli_missing_run_list_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------- reproducibility
+@pytest.mark.slow  # the default suite's time budget (README: Tests)
 def test_rerun_reproduces_the_accuracies_exactly(matrix):
     tmp = matrix["tmp"]
     (tmp / "store_rerun").mkdir()

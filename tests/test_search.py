@@ -41,6 +41,7 @@ def _trials_csv(uri: str, run_id: str, tmp_path: Path):
 
 
 # ---------------------------------------------------------------- grid: Hydra multirun
+@pytest.mark.slow  # the default suite's time budget (README: Tests)
 def test_joblib_multirun_into_a_new_store_loses_no_point(tmp_path):
     db = tmp_path / "new" / "mlflow.db"  # the file does not exist yet
     db.parent.mkdir()

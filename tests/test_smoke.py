@@ -1,11 +1,14 @@
 """End-to-end through the CLI entry points on synthetic data (no download)."""
 import json
 
+import pytest
+
 from mlflow import MlflowClient
 
 from conftest import run_script, store_uri
 
 
+@pytest.mark.slow  # the default suite's time budget (README: Tests)
 def test_train_then_evaluate_cli(tmp_path):
     uri = store_uri(tmp_path / "store")
     ckpt = tmp_path / "model.pt"

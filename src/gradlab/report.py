@@ -8,7 +8,8 @@ a whole experiment, or an MLflow filter string. ``write_report`` writes into one
                                 remedy per scenario and of each kind, the figures
                                 (the HTML embeds the figures: it renders in the MLflow UI too)
     report.csv                  the table with full-precision numbers
-    metrics.json                key figures per scenario (DVC metrics; strict JSON)
+    summary.json                key figures per scenario: best remedy, best of each kind and its cost
+    metrics.json                the DVC metrics: per scenario the best and the none test accuracy
     accuracy.csv                mean test accuracy per scenario/remedy (a DVC plot)
 
 A row is a remedy (the run's ``remedy`` tag; a run without one, e.g. from before remedies
@@ -330,6 +331,16 @@ def key_figures(table: pd.DataFrame) -> dict:
             "not_applicable": int((~table.applicable).sum()), "scenarios": out}
 
 
+def dvc_metrics(figures: dict) -> dict:
+    """The few numbers ``dvc metrics show`` and ``dvc exp show`` tabulate, one column each: per
+    scenario the best remedy's and ``none``'s mean test accuracy (the rest is in summary.json)."""
+    out = {k: figures[k] for k in ("runs", "diverged_runs", "not_applicable")}
+    for scenario, fig in figures["scenarios"].items():
+        out[scenario] = {"best": fig["best_test_accuracy"],
+                         **({"none": fig["none_test_accuracy"]} if "none_test_accuracy" in fig else {})}
+    return out
+
+
 def _strict(value):
     """JSON-safe: NaN/inf become null, numpy scalars plain numbers."""
     if isinstance(value, dict):
@@ -571,7 +582,9 @@ def write_report(sel: Selection, out_dir: str | Path = "reports") -> Report:
     files = list(figures.values())
     for name, text in (("report.md", _markdown(sel, table, figures, notes)),
                        ("report.html", _html(sel, table, figures, notes)),
-                       ("metrics.json", json.dumps(_strict(key_figures(table)), indent=2, allow_nan=False) + "\n")):
+                       ("summary.json", json.dumps(_strict(key_figures(table)), indent=2, allow_nan=False) + "\n"),
+                       ("metrics.json", json.dumps(_strict(dvc_metrics(key_figures(table))), indent=2,
+                                                   allow_nan=False) + "\n")):
         (out / name).write_text(text, encoding="utf-8")
         files.append(out / name)
     table.to_csv(out / "report.csv", index=False)
