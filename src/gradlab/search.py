@@ -225,18 +225,28 @@ def _redacted(url: Optional[str]) -> str:
         return url
 
 
+STORAGE_ATTEMPTS = 5  # a worker that lost the race to create a new storage's schema tries again
+
+
 def open_study(spec: SearchSpec):
     import optuna
     from optuna.distributions import check_distribution_compatibility
 
     name = spec.study_name or f"gradlab-{spec.sampler}-{time.strftime('%Y%m%d-%H%M%S')}"
     direction = spec.resolved_direction()
-    try:
-        study = optuna.create_study(study_name=name, storage=spec.storage, sampler=_sampler(spec),
-                                    direction=direction, load_if_exists=True)
-    except Exception as exc:  # noqa: BLE001 - an unknown dialect, a refused connection: the URL is to blame
-        raise SearchSpecError(f"--storage {_redacted(spec.storage)}: cannot open the study storage "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    study = None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            study = optuna.create_study(study_name=name, storage=spec.storage, sampler=_sampler(spec),
+                                        direction=direction, load_if_exists=True)
+            break
+        except Exception as exc:  # noqa: BLE001 - an unknown dialect, a refused connection: the URL is to blame
+            # workers started together on a new database race to create its schema (or the study):
+            # the loser's IntegrityError means the other one did it; try again
+            if type(exc).__name__ != "IntegrityError" or attempt == STORAGE_ATTEMPTS - 1:
+                raise SearchSpecError(f"--storage {_redacted(spec.storage)}: cannot open the study storage "
+                                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+            time.sleep(0.5 * (attempt + 1))
     if study.direction.name.lower() != direction:
         raise SearchSpecError(f"study '{name}' exists and is to {study.direction.name.lower()}, not {direction}")
     metric = study.user_attrs.get("metric")

@@ -265,7 +265,9 @@ def run_tags(cfg, device, data_checksum: str) -> Dict[str, str]:
 DERIVED_PARAMS = ("stabilizer", "fault")  # logged beside the config for MLflow's views; not config keys themselves
 RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress",
                      "trainer.log_checkpoint", "trainer.log_model", "trainer.strategy",
-                     "trainer.preflight")  # besides tracking.* and forensics.*: what a run writes, not how it trains
+                     "trainer.preflight", "telemetry.sharpness_every", "telemetry.sharpness_iters",
+                     "telemetry.warn_ratio", "telemetry.warn_loss")  # besides tracking.* and forensics.*:
+# what a run observes and writes, not how it trains
 
 
 def config_hash(params: Dict[str, str]) -> str:
