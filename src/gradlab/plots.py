@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+DPI = 80  # every run logs its plots to the store: 800 px wide is still readable in the MLflow UI
+
 
 def layer_heatmap(steps: Sequence[int], layers: List[str], grid: np.ndarray, path: Path,
                   explosion_step: Optional[int] = None, title: str = "") -> Path:
@@ -43,7 +45,7 @@ def layer_heatmap(steps: Sequence[int], layers: List[str], grid: np.ndarray, pat
         ax.legend(loc="upper right", fontsize=7)
     ax.set_title(title or "per-layer gradient norm")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
@@ -110,7 +112,7 @@ def norm_history(steps, pre, post, coef, skipped, threshold, path: Path, max_nor
     ax.set_title(title or "gradient norm before / after stabilizers")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
@@ -130,7 +132,7 @@ def confusion_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Path:
     ax.set_title(title or "test confusion matrix")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
@@ -148,6 +150,6 @@ def sample_grid(images: np.ndarray, captions: List[str], path: Path, title: str 
         ax.set_title(caption, fontsize=6)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
