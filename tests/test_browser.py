@@ -60,16 +60,16 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A tiny matrix (2 scenarios x none/clip, 1 seed) and its report."""
-    from gradlab.matrix import MatrixSpec, Scenario, run_matrix
+    from gradlab.matrix import run_matrix, spec_from_dict
     from gradlab.report import select_runs, write_report
 
     tmp = tmp_path_factory.mktemp("browser")
     uri = store_uri(tmp / "store")
-    spec = MatrixSpec(experiment="browser", seeds=[0], stabilizers=["none", "clip"],
-                      scenarios=[Scenario("calm", ["optimizer=sgd", "optimizer.lr=0.5", "scenario=calm"]),
-                                 Scenario("blowup", ["optimizer=sgd", "optimizer.lr=1e10", "scenario=blowup"])],
-                      overrides=["data=synthetic", "trainer.max_steps=40", "trainer.device=cpu", "trainer.progress=false",
-                                 *TINY])
+    spec = spec_from_dict({
+        "experiment": "browser", "seeds": [0], "stabilizers": ["none", "clip"],
+        "scenarios": [{"name": "calm", "experiment": None, "overrides": ["optimizer=sgd", "optimizer.lr=0.5"]},
+                      {"name": "blowup", "experiment": None, "overrides": ["optimizer=sgd", "optimizer.lr=1e10"]}],
+        "overrides": ["data=synthetic", "trainer.max_steps=40", "trainer.device=cpu", "trainer.progress=false", *TINY]})
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
