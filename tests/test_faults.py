@@ -273,13 +273,18 @@ def test_sigterm_leaves_a_killed_run_with_every_point(tmp_path):
 
 
 # ---------------------------------------------------------------- 4. a full disk
+def tmpfs(mount: Path, options: str, why: str) -> Path:
+    """A tmpfs mounted at ``mount`` with ``options``; the test is skipped (``why``) where it cannot be."""
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip(why)
+    return mount
+
+
 @pytest.fixture
 def full_disk(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs (a full disk on demand)")
+    mount = tmpfs(tmp_path / "small", "size=64k", "needs root to mount a small tmpfs (a full disk on demand)")
     yield mount
     subprocess.run(["umount", str(mount)], check=False)
 
@@ -353,11 +358,8 @@ def test_unreachable_or_unwritable_stores_fail_fast(tmp_path):
 
 
 def test_read_only_store_is_one_line(tmp_path):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a read-only tmpfs (root ignores file permissions)")
+    mount = tmpfs(tmp_path / "ro", "size=1m,ro",
+                  "needs root to mount a read-only tmpfs (root ignores file permissions)")
     try:
         t0 = time.perf_counter()
         one_line_error(cli("train.py", *tiny_overrides(tmp_path), f"tracking.uri=sqlite:///{mount}/x.db"), 1,
