@@ -51,7 +51,7 @@ def hooks_without_host_sync(monkeypatch, cls, names):
 
 
 # ---------------------------------------------------------------- PyTorch Lightning
-def lightning_fit(model, batches, callback, tmp_path, **trainer_kwargs):
+def lightning_fit(model, batches, callback, tmp_path, fused=False, **trainer_kwargs):
     pl = pytest.importorskip("lightning.pytorch", reason="needs the lightning extra: pip install -e '.[lightning]'")
 
     class Module(pl.LightningModule):
@@ -64,7 +64,7 @@ def lightning_fit(model, batches, callback, tmp_path, **trainer_kwargs):
             return F.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
+            return torch.optim.Adam(self.parameters(), lr=1e-3, fused=fused or None)
 
     loader = torch.utils.data.DataLoader(batches, batch_size=None)  # the trainer's batches, in its order
     settings = {"logger": False, **trainer_kwargs}
@@ -104,7 +104,8 @@ def test_lightning_callback_logs_into_the_mlflow_logger_run(tmp_path, tmp_store)
     assert run.info.status == "FINISHED"  # ended by Lightning's logger, not by gradlab
 
 
-def test_lightning_callback_under_amp_sees_unscaled_gradients_and_loss(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_lightning_callback_under_amp_sees_unscaled_gradients_and_loss(tmp_path, fused):
     """16-mixed with a GradScaler (on the CPU here): the callback's loss and gradients are the
     unscaled ones (close to a 32-bit run's, not 2^10 times them), and a step the scaler skips
     (an inf gradient) is recorded as skipped, not as a divergence."""
@@ -124,7 +125,7 @@ def test_lightning_callback_under_amp_sees_unscaled_gradients_and_loss(tmp_path)
             hook = net.head.bias.register_hook(lambda g: g * math.inf if next(calls) == 3 else g)
         else:
             extra = {}
-        lightning_fit(net, batches, callback, tmp_path / precision, **extra)
+        lightning_fit(net, batches, callback, tmp_path / precision, fused=fused, **extra)
         if hook is not None:
             hook.remove()
         runs[precision] = callback
@@ -168,7 +169,7 @@ def hf_train(model, batches, callback, tmp_path, max_grad_norm=0.0, report_to="n
                     yield {"x": x[i], "labels": y[i]}
 
     net = WithLoss(model)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
     constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"), max_steps=len(batches), per_device_train_batch_size=len(batches[0][1]),

@@ -63,7 +63,7 @@ def assert_same_telemetry(mine, theirs, rel=1e-6, steps=True):
 def test_monitor_telemetry_equals_the_trainers(tmp_path, stack):
     trainer, model, batches = reference(tmp_path, STACKS[stack])
     trainer.fit()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # the trainer's Adam (fused by default)
     monitor = GradientMonitor(model, optimizer, knobs(STACKS[stack]), telemetry={"log_every": 5, "layer_every": 4},
                               tracking=False, out_dir=tmp_path / "mine")
     user_steps(model, batches, monitor, optimizer)
@@ -79,7 +79,7 @@ def test_monitor_run_record_matches_the_trainers(tmp_path, tmp_store):
     over = ["stabilizer=[warmup,clip]", "stabilizer.warmup.steps=3"]
     trainer, model, batches = reference(tmp_path, over)
     trainer.fit()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     monitor = GradientMonitor(model, optimizer, knobs(over), telemetry={"log_every": 5, "layer_every": 4},
                               tracking={"uri": tmp_store, "experiment": "mine", "tags": {"team": "a"}},
                               out_dir=tmp_path / "mine")
@@ -114,11 +114,13 @@ def test_no_host_sync_added_per_step(tmp_path):
     assert monitor.history.steps == list(range(9))
 
 
-def test_grad_scaler_skip_is_recorded_and_not_a_divergence(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_skip_is_recorded_and_not_a_divergence(tmp_path, fused):
     """The AMP recipe: unscale_, monitor.step, scaler.step. A step the scaler skips (inf gradient)
-    never calls optimizer.step(): the monitor records it as skipped, and the run goes on."""
+    never calls optimizer.step() (a fused optimizer is called and its kernel skips the update): the
+    monitor records it as skipped, and the run goes on."""
     _, model, batches = reference(tmp_path, CLIP, steps=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused or None)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     monitor = GradientMonitor(model, optimizer, ["clip"], tracking=False, out_dir=tmp_path / "mine")
     for i, (x, y) in enumerate(batches):

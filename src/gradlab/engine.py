@@ -13,6 +13,7 @@ its state in one ``state_dict``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -82,12 +83,16 @@ class UpdatePipeline:
         """After the optimizer step (or where it was not taken): undo a skipped update and record
         the row. ``not_applied``: a device flag for an update something else skipped (GradScaler)."""
         p, self.pending = self.pending, None
+        gs = p.gs
         old = self.stack.after_update(p.snapshot)
-        skipped = p.gs.skip if p.gs.skip is not None else torch.zeros((), dtype=torch.bool, device=p.gs.pre_norm.device)
+        skipped = gs.skip
         if not_applied is not None:
-            skipped = skipped | not_applied
-        p.gs.finish(skipped)
-        bad = ~torch.isfinite(p.gs.applied_norm) | (~torch.isfinite(p.gs.loss) & ~skipped)  # DivergenceWatch's rule
+            skipped = not_applied if skipped is None else skipped | not_applied
+        gs.finish(skipped)
+        if skipped is None:  # DivergenceWatch's rule: a non-finite update or loss was applied
+            bad = ~torch.isfinite(torch.stack((gs.applied_norm, gs.loss.detach().float()))).all()
+        else:
+            bad = ~torch.isfinite(gs.applied_norm) | (~torch.isfinite(gs.loss) & ~skipped)
         self.diverged = bad if self.diverged is None else self.diverged | bad
         self.recorder.record(p.step, p.lr, p.gs, old_params=old,
                              params=self.stack.params if p.snapshot.keep_old_params else None)
@@ -99,7 +104,7 @@ class StepEngine:
     def __init__(self, cfg, model: nn.Module, device: torch.device, total_steps: int, steps_per_epoch: int,
                  parallel: Parallel = SINGLE):
         self.model, self.device, self.parallel = model, device, parallel
-        self.loss_cfg = cfg.loss
+        self.loss_cfg = SimpleNamespace(**cfg.loss)  # read every step: plain attributes, not OmegaConf's
         self.stack = StabilizerStack(cfg.stabilizer, parallel.unwrap(model), device)
         self.optimizer = build_optimizer(cfg.optimizer, model.parameters(), device, capturable=self.stack.skips)
         self.stack.bind(self.optimizer)  # for stabilizers that read the optimizer's state (spam)
@@ -125,7 +130,7 @@ class StepEngine:
         x, y, fault = self.faults.apply(self.step_count, x, y)
         n = len(y)
         x, y, weight = self.parallel.shard(x, y)
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad()  # set_to_none: backward writes fresh gradients, no zero-fill + add
         with self.autocast():
             logits = self.model(x)
         logits = logits.float()

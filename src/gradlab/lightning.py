@@ -54,6 +54,12 @@ class GradlabCallback(MonitorCallback, Callback):
         self.loss = loss if self.loss is None else self.loss + loss  # accumulated micro-batches: their mean
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Lightning leaves a fused optimizer's gradients scaled (its kernel would unscale them);
+            # unscaled here, the stabilizers and telemetry see true gradients and the kernel skips only
+            # where the scaler found an inf
+            scaler.unscale_(optimizer)
         self.monitor.step(self.loss, step=trainer.global_step)
         self.loss = None
 

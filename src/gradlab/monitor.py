@@ -229,7 +229,10 @@ class GradientMonitor:
         if self.lr_scale.saved is not None:
             self.lr_scale.restore()
         if self.pipeline is not None and self.pipeline.pending is not None:
-            self._end(None)
+            # a fused optimizer under GradScaler is always called; its kernel skips the update where
+            # the scaler found an inf (``found_inf``, set on the optimizer for the call)
+            found_inf = getattr(optimizer, "found_inf", None)
+            self._end(found_inf > 0 if found_inf is not None else None)
 
     def _end(self, not_applied: Optional[torch.Tensor]) -> None:
         with torch.no_grad():

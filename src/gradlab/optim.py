@@ -41,6 +41,7 @@ class SGDConfig(OptimizerSchema):
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
+    fused: bool = True  # torch's fused kernel (one per parameter; False: torch's default per-op loop)
 
     def check(self) -> None:
         super().check()
@@ -49,8 +50,7 @@ class SGDConfig(OptimizerSchema):
 
 
 @dataclass
-class AdamWConfig(OptimizerSchema):
-    name: str = "adamw"
+class AdamFamily(OptimizerSchema):
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.01  # always decoupled
@@ -61,6 +61,12 @@ class AdamWConfig(OptimizerSchema):
         for i, b in enumerate(self.betas):
             _unit(b, f"betas.{i}")
         need(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+
+
+@dataclass
+class AdamWConfig(AdamFamily):
+    name: str = "adamw"
+    fused: bool = True  # torch's fused kernel (one per parameter; False: torch's default per-op loop)
 
 
 @dataclass
@@ -86,23 +92,24 @@ class RMSpropConfig(OptimizerSchema):
 
 @OPTIMIZERS.register("sgd", SGDConfig)
 def sgd(cfg, params, capturable):
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                           fused=cfg.fused or None)
 
 
 @OPTIMIZERS.register("adam", AdamConfig)
 def adam(cfg, params, capturable):
     return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                            decoupled_weight_decay=cfg.decoupled_weight_decay, **capturable)
+                            decoupled_weight_decay=cfg.decoupled_weight_decay, fused=cfg.fused or None, **capturable)
 
 
 @OPTIMIZERS.register("adamw", AdamWConfig)
 def adamw(cfg, params, capturable):
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             **capturable)
+                             fused=cfg.fused or None, **capturable)
 
 
 @dataclass
-class StableAdamWConfig(AdamWConfig):
+class StableAdamWConfig(AdamFamily):
     name: str = "stable_adamw"
     clip_thresh: float = 1.0  # d: a tensor's step is scaled by 1 / max(1, RMS / d)
 

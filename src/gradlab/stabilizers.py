@@ -16,6 +16,7 @@ skipped that step.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -99,11 +100,12 @@ class GradStep:
     grads: List[torch.Tensor]
     per_tensor: List[torch.Tensor]  # per-parameter L2 norms before any stabilizer
     pre_norm: torch.Tensor
+    norm_vec: Optional[torch.Tensor] = None  # per_tensor stacked (what pre_norm reduces; telemetry reuses it)
     norm: Optional[torch.Tensor] = None  # current L2 norm; None once a transform made it stale
     threshold: Optional[torch.Tensor] = None  # the last adaptive threshold set (run order)
     skip: Optional[torch.Tensor] = None  # a stabilizer's decision to skip the update
     modified: bool = False
-    skipped: Optional[torch.Tensor] = None  # after the update: whether it was skipped (by anyone)
+    skipped: Optional[torch.Tensor] = None  # after the update: whether it was skipped (None: nothing could skip it)
     applied_norm: Optional[torch.Tensor] = None  # after the update: the L2 norm applied (0 if skipped)
     fault: Optional[torch.Tensor] = None  # 1 when an injected fault acted on this step (gradlab.faults)
 
@@ -128,24 +130,33 @@ class GradStep:
             self.norm = self.norm * coef
         self.modified = True
 
-    def finish(self, skipped: torch.Tensor) -> None:
-        """Record the outcome of the update (telemetry reads it through STEP_METRICS)."""
+    def finish(self, skipped: Optional[torch.Tensor]) -> None:
+        """Record the outcome of the update (telemetry reads it through STEP_METRICS); ``skipped``
+        None: nothing could skip this step."""
         self.skipped = skipped
-        self.applied_norm = torch.where(skipped, 0.0, self.current_norm())
+        self.applied_norm = self.current_norm() if skipped is None else torch.where(skipped, 0.0, self.current_norm())
 
     @property
     def clip_coef(self) -> torch.Tensor:
         """What the clippers did: the L2 norm after the gradient stabilizers / the raw norm, 1 when
         none touched the gradients. Whether the update was then skipped is ``skipped``, not this."""
         if not self.modified:
-            return torch.ones((), device=self.pre_norm.device)
+            return constant(1.0, self.pre_norm.device)
         return torch.where(self.pre_norm > 0, self.current_norm() / self.pre_norm, 1.0)
 
     def or_nan(self, value: Optional[torch.Tensor]) -> torch.Tensor:
         """An optional per-step scalar for telemetry: NaN (not logged) when it was not set."""
-        if value is None:
-            return torch.full((), float("nan"), device=self.pre_norm.device)
-        return value.float()
+        return constant(math.nan, self.pre_norm.device) if value is None else value
+
+    def flag(self, value: Optional[torch.Tensor]) -> torch.Tensor:
+        """A per-step device flag for telemetry, 0 when it was not set."""
+        return constant(0.0, self.pre_norm.device) if value is None else value
+
+
+@functools.lru_cache(maxsize=None)
+def constant(value: float, device: torch.device) -> torch.Tensor:
+    """A shared read-only device scalar (telemetry reads it instead of allocating one per step)."""
+    return torch.full((), value, device=device)
 
 
 class Stabilizer:
@@ -684,8 +695,9 @@ class StabilizerStack:
     def process(self, loss: torch.Tensor) -> GradStep:
         grads = [p.grad for p in self.params]
         per_tensor = tensor_norms(grads)  # under FSDP: the shards' norms combined, the same on every rank
-        pre = torch.linalg.vector_norm(torch.stack(per_tensor))
-        step = GradStep(loss=loss, grads=grads, per_tensor=per_tensor, pre_norm=pre, norm=pre)
+        vec = torch.stack(per_tensor)
+        pre = torch.linalg.vector_norm(vec)
+        step = GradStep(loss=loss, grads=grads, per_tensor=per_tensor, pre_norm=pre, norm=pre, norm_vec=vec)
         for s in self.stabilizers:
             s.apply(step)
         return step

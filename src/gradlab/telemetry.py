@@ -29,11 +29,11 @@ from .registry import Schema, need
 # The per-step series, named once and in row order: each reads its device scalar from the
 # step's GradStep (gradlab.stabilizers). A new per-step metric is one line here.
 STEP_METRICS = {
-    "train/loss": lambda g: g.loss.detach().float(),
+    "train/loss": lambda g: g.loss.detach(),
     "grad/norm": lambda g: g.pre_norm,  # before any stabilizer
     "grad/norm_after": lambda g: g.applied_norm,  # what the optimizer applied (0 on a skipped step)
     "grad/clip_coef": lambda g: g.clip_coef,  # what the clippers did: norm after / before (skips aside)
-    "grad/skipped": lambda g: g.skipped.float(),
+    "grad/skipped": lambda g: g.flag(g.skipped),
     "grad/threshold": lambda g: g.or_nan(g.threshold),  # the last adaptive one in the run order
     "fault/active": lambda g: g.or_nan(g.fault),  # 1: an injected fault acted on this step (gradlab.faults)
 }
@@ -87,6 +87,12 @@ def layer_norms(per_tensor: List[torch.Tensor], index: torch.Tensor, n_layers: i
     """sqrt of the summed squared per-parameter norms of each layer (one scatter, no loop)."""
     sq = torch.stack(per_tensor).float() ** 2
     return torch.zeros(n_layers, device=sq.device).index_add_(0, index, sq).sqrt()
+
+
+def layer_matrix(index: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """[layers, tensors] 0/1: row l sums the squared norms of layer l's tensors (one matrix-vector
+    product per step instead of a scatter into a fresh buffer)."""
+    return (torch.arange(n_layers, device=index.device).unsqueeze(1) == index.unsqueeze(0)).float()
 
 
 @dataclass
@@ -193,6 +199,10 @@ class Recorder:
         # one row per step: the step scalars, the probes, then per-layer grad norms and update ratios
         self.buf = torch.full((log_every, len(STEP_KEYS) + len(self.probes) + 2 * n_layers), float("nan"),
                               device=device)
+        self.sums = layer_matrix(self.index, n_layers)
+        k, g = len(STEP_KEYS), len(STEP_KEYS) + len(self.probes)
+        # each row's parts as fixed views of the buffer: a step writes into them with out=, no copies
+        self.views = [(r[:k], r[k:g], r[g:g + n_layers], r[g + n_layers:]) for r in self.buf]
         self.pending_steps: List[int] = []
         self.pending_lr: List[float] = []
         self.history = History(layers=list(self.layers), probes=list(self.probes))
@@ -205,17 +215,17 @@ class Recorder:
         """One row: STEP_METRICS of the finished GradStep, per-layer gradient norms and, on a
         layer step, per-layer update-to-weight ratios. Device work only."""
         n = len(self.layers)
-        parts = [torch.stack([read(gs) for read in STEP_METRICS.values()])]
+        metrics, probes, grads, ratios = self.views[len(self.pending_steps)]
+        torch.stack([read(gs) for read in STEP_METRICS.values()], out=metrics)
         if self.probes:
-            parts.append(torch.stack([p.detach().float() for p in self.probes.values()]))
-        parts.append(layer_norms(gs.per_tensor, self.index, n))
+            torch.stack([p.detach() for p in self.probes.values()], out=probes)
+        vec = gs.norm_vec if gs.norm_vec is not None else torch.stack(gs.per_tensor)
+        torch.mv(self.sums, vec.float().square(), out=grads).sqrt_()
         if old_params is not None:
             delta = tensor_norms(torch._foreach_sub([p.detach() for p in params], old_params))
             d = layer_norms(delta, self.index, n)
             w = layer_norms(tensor_norms([p.detach() for p in params]), self.index, n)
-            parts.append(d / w.clamp(min=1e-12))
-        row = torch.cat(parts)
-        self.buf[len(self.pending_steps), : len(row)].copy_(row)
+            torch.div(d, w.clamp(min=1e-12), out=ratios)
         self.pending_steps.append(step)
         self.pending_lr.append(lr)
 
