@@ -4,8 +4,11 @@
 
 Per optimizer step, the same model (gradlab's mlp / cnn), Adam, batch 128, one torch thread:
 
-  bare            resident tensors: zero_grad, forward, loss, backward, step; no clip, no logging (the floor)
+  bare            resident tensors: zero_grad, forward, loss, backward, step; no clip, no logging (the floor),
+                  torch.optim.Adam with torch's defaults (what a hand-written loop uses)
   bare+clip       the same + torch.nn.utils.clip_grad_norm_
+  fused, fused+clip   bare and bare+clip with Adam(fused=True), the kernel gradlab's step uses: the floor
+                  that isolates what gradlab's telemetry costs
   gradlab.step    StepEngine.step: full default telemetry + clip (and its host copy every log_every steps)
   gradlab.fit     Trainer.fit with clip, MLflow included (its time/step_ms: the loop, flushes and logging)
   examples        pytorch/examples style: torchvision MNIST + DataLoader(num_workers=1), ToTensor/Normalize per item
@@ -64,10 +67,10 @@ def resident(cfg, n: int):
     return DeviceData(splits["train_x"][:n], splits["train_y"][:n], torch.device("cpu"))
 
 
-def bare(cfg, clip: bool):
+def bare(cfg, clip: bool, fused: bool = False):
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
     data = resident(cfg, 8192)
     batches = list(data.batches(cfg.trainer.batch_size))
     state = {"i": 0}
@@ -289,6 +292,7 @@ def main() -> None:
                               f"data.root={tmp / 'data'}", f"tracking.uri=sqlite:///{tmp / 'gradlab.db'}",
                               "trainer.checkpoint_every=0", "telemetry.plots=false", "trainer.threads=1"])
         variants = {"bare": bare(cfg, clip=False), "bare+clip": bare(cfg, clip=True),
+                    "fused": bare(cfg, clip=False, fused=True), "fused+clip": bare(cfg, clip=True, fused=True),
                     "gradlab.step": gradlab_step(cfg, tmp), "gradlab.fit": gradlab_fit(cfg, tmp),
                     "examples": examples_style(cfg, tmp)}
         for every in (50, 1):

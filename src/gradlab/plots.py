@@ -12,8 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import LogFormatter, LogLocator  # noqa: E402
 
 DPI = 80  # every run logs its plots to the store: 800 px wide is still readable in the MLflow UI
+
+
+def plain_log(minor: bool = False) -> LogFormatter:
+    """Log-axis tick labels as plain text (1e+03): matplotlib's default typesets each one with
+    mathtext, which was half of a short run's plotting time."""
+    return LogFormatter(labelOnlyBase=not minor, minor_thresholds=(2, 0.5))
 
 
 def layer_heatmap(steps: Sequence[int], layers: List[str], grid: np.ndarray, path: Path,
@@ -31,7 +38,9 @@ def layer_heatmap(steps: Sequence[int], layers: List[str], grid: np.ndarray, pat
     x = np.asarray(steps) if len(steps) else np.zeros(1)
     mesh = ax.pcolormesh(np.arange(len(x) + 1), np.arange(len(layers) + 1), shown, cmap=cmap,
                          norm=LogNorm(vmin=vmin, vmax=vmax), shading="flat")
-    fig.colorbar(mesh, ax=ax, label="gradient L2 norm (log)", extend="max")
+    bar = fig.colorbar(mesh, ax=ax, label="gradient L2 norm (log)", extend="max", format=plain_log())
+    bar.ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+    bar.ax.yaxis.set_minor_formatter(plain_log(minor=True))
     ax.set_yticks(np.arange(len(layers)) + 0.5)
     ax.set_yticklabels(layers, fontsize=7)
     ax.invert_yaxis()
@@ -86,6 +95,9 @@ def norm_history(steps, pre, post, coef, skipped, threshold, path: Path, max_nor
     fig, ax = plt.subplots(figsize=(10, 4.5))
     steps = np.asarray(steps)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plain_log())
+    ax.yaxis.set_minor_formatter(plain_log(minor=True))
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))  # matplotlib's 8 per decade: most of the tick work
     _plot_with_nonfinite(ax, steps, pre, color="tab:red", lw=0.8, label="grad/norm (before)")
     _plot_with_nonfinite(ax, steps, post, color="tab:blue", lw=0.8, label="grad/norm_after")
     thr = np.asarray(threshold, dtype=float)

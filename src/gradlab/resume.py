@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .tracking import config_hash, ensure_store, flatten, tracking_uri
 
 BUDGET_KEYS = ("trainer.max_steps", "trainer.epochs")  # the command may extend the run
-HOW_KEYS = ("trainer.device", "trainer.threads")  # the command may move it (kept unless set: they change the arithmetic)
+HOW_KEYS = ("trainer.device", "trainer.threads", "optimizer.fused")  # the command may move it (kept unless set: they change the arithmetic)
 RUN_KEYS = ("trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress",
             "trainer.preflight", "trainer.strategy", "telemetry.plots", "telemetry.sharpness_every",
             "telemetry.sharpness_iters", "telemetry.warn_ratio", "telemetry.warn_loss", "forensics.",

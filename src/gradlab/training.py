@@ -134,16 +134,20 @@ class StopSignal:
 
 def single_process_only(cfg):
     """Under torchrun: the sharpness gauge, the preflight and the forensics replay are off (they run
-    the model outside the data-parallel step); the logged params say so."""
+    the model outside the data-parallel step), and under FSDP the optimizer's fused kernel (torch has
+    no sharded version of it); the logged params say so."""
     off = {"telemetry.sharpness_every": 0, "trainer.preflight": False, "forensics.snapshot_every": 0,
            "forensics.investigate": False}
+    if cfg.trainer.strategy == "fsdp" and cfg.optimizer.get("fused"):
+        off["optimizer.fused"] = False
     if any(OmegaConf.select(cfg, k) != v for k, v in off.items()):
         cfg = copy.deepcopy(cfg)
         for key, value in off.items():
             OmegaConf.update(cfg, key, value)
         if int(os.environ.get("RANK", "0")) == 0:
             log("gradlab: under torchrun the sharpness gauge, preflight and forensics are off "
-                "(telemetry.sharpness_every=0, forensics.snapshot_every=0)")
+                "(telemetry.sharpness_every=0, forensics.snapshot_every=0)"
+                + ("; under FSDP the optimizer is not fused (optimizer.fused=false)" if "optimizer.fused" in off else ""))
     return cfg
 
 
