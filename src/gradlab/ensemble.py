@@ -38,9 +38,6 @@ from .data import DeviceData, load_splits
 from .engine import z_penalty
 from .training import StopSignal, Trainer, TrainResult, log
 
-MODES = ("none", "seeds")  # matrix.ensemble
-
-
 def unsupported(cfg) -> Optional[str]:
     """Why the runs of ``cfg``'s cell cannot be stacked (they then train one at a time), or None."""
     m = cfg.model

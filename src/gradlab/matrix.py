@@ -84,6 +84,7 @@ from .remedies import Remedy, define_all, overrides_list, resolve, stabilizer_re
 DEFAULT_EXPERIMENT = "gradlab-matrix"
 NONE = stabilizer_remedy("none")
 EXECUTORS = ("loop", "local", "slurm")  # local/slurm: gradlab.cluster
+ENSEMBLE_MODES = ("none", "seeds")  # matrix.ensemble (gradlab.ensemble)
 
 
 # ---------------------------------------------------------------- the matrix definition
@@ -118,6 +119,7 @@ class MatrixSpec:
     overrides: List[str] = field(default_factory=list)
     jobs: int = 1
     executor: str = "loop"  # loop (this process), or local / slurm: submitit jobs (gradlab.cluster)
+    ensemble: str = "none"  # seeds: each cell's seeds train as one vectorized ensemble (gradlab.ensemble)
 
     def remedies_of(self, scenario: Scenario) -> List[Remedy]:
         return list(self.remedies.values()) if scenario.remedies is None else scenario.remedies
@@ -153,7 +155,7 @@ def _scenario(value: Any, spec: MatrixSpec) -> Scenario:
 
 
 def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
-    known = {"experiment", "scenarios", "remedies", "stabilizers", "seeds", "overrides", "jobs", "executor"}
+    known = {"experiment", "scenarios", "remedies", "stabilizers", "seeds", "overrides", "jobs", "executor", "ensemble"}
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"matrix.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(known))})")
@@ -170,11 +172,21 @@ def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
     executor = d.get("executor") or "loop"
     if executor not in EXECUTORS:
         raise ConfigError("matrix.executor", f"'{executor}' is not one of {', '.join(EXECUTORS)}")
-    spec = MatrixSpec(experiment=str(d.get("experiment") or DEFAULT_EXPERIMENT),
+    ensemble = check_ensemble(d.get("ensemble") or "none", executor)
+    spec = MatrixSpec(experiment=str(d.get("experiment") or DEFAULT_EXPERIMENT), ensemble=ensemble,
                       remedies=define_all(d.get("stabilizers"), d.get("remedies")), seeds=seeds,
                       overrides=overrides_list(d.get("overrides"), "matrix.overrides"), jobs=jobs, executor=executor)
     spec.scenarios = [_scenario(s, spec) for s in scenarios]
     return spec
+
+
+def check_ensemble(value: Any, executor: str) -> str:
+    """``matrix.ensemble``: none, or seeds (each cell's seeds as one ensemble: gradlab.ensemble)."""
+    if value not in ENSEMBLE_MODES:
+        raise ConfigError("matrix.ensemble", f"'{value}' is not one of {', '.join(ENSEMBLE_MODES)}")
+    if value != "none" and executor != "loop":
+        raise ConfigError("matrix.ensemble", f"ensembles train in the loop executor, not '{executor}'")
+    return value
 
 
 def load_spec(params_file: str | Path = "params.yaml", key: str = "matrix") -> MatrixSpec:
@@ -288,7 +300,7 @@ def _parent_params(spec: MatrixSpec, combos: List[Combination], jobs: int, execu
     return {"scenarios": json.dumps([s.name for s in spec.scenarios]), "remedies": json.dumps(used),
             "cells": json.dumps({sc.name: [r.name for r in spec.remedies_of(sc)] for sc in spec.scenarios}),
             "seeds": json.dumps(spec.seeds), "overrides": json.dumps(spec.overrides), "jobs": str(jobs),
-            "n_runs": str(len(combos)), "executor": executor}
+            "n_runs": str(len(combos)), "executor": executor, "ensemble": spec.ensemble}
 
 
 def _log_not_applicable(parent, cells: List[Dict]) -> None:
@@ -299,23 +311,48 @@ def _log_not_applicable(parent, cells: List[Dict]) -> None:
         parent.logger.log_artifact(path, "matrix")
 
 
-def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[[Dict], None]) -> List[Dict]:
-    """The in-process loop (``jobs`` > 1: joblib worker processes on this machine)."""
+def by_cell(combos: Sequence[Combination]) -> List[List[Combination]]:
+    """The seeds of each scenario x remedy cell together, in the matrix's order."""
+    cells: Dict[Tuple[str, str], List[Combination]] = {}
+    for c in combos:
+        cells.setdefault((c.scenario.name, c.remedy.name), []).append(c)
+    return list(cells.values())
+
+
+def _run_cell_records(cell: List[Combination], *args) -> List[Dict]:
+    from .ensemble import run_cell
+
+    return run_cell(cell, *args)
+
+
+def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[[Dict], None],
+              ensemble: str = "none") -> List[Dict]:
+    """The in-process loop (``jobs`` > 1: joblib worker processes on this machine); with
+    ``ensemble=seeds`` a unit of work is a cell's seeds (gradlab.ensemble.run_cell)."""
     records: List[Dict] = []
+    units = by_cell(combos) if ensemble == "seeds" else [[c] for c in combos]
+    work = _run_cell_records if ensemble == "seeds" else lambda unit, *a: [run_one(unit[0], *a)]
     with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
         if jobs == 1:
-            for combo in combos:
-                records.append(run_one(combo, *args, workdir))
-                show(records[-1])
+            for unit in units:
+                for rec in work(unit, *args, workdir):
+                    records.append(rec)
+                    show(rec)
         else:
             from joblib import Parallel, delayed
 
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            for rec in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
-                    delayed(run_one)(c, *args, workdir, threads) for c in combos):
-                records.append(rec)
-                show(rec)
+            fn = _run_cell_records if ensemble == "seeds" else _run_one_list
+            for recs in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
+                    delayed(fn)(unit, *args, workdir, threads) for unit in units):
+                for rec in recs:
+                    records.append(rec)
+                    show(rec)
     return records
+
+
+def _run_one_list(unit: List[Combination], *args) -> List[Dict]:
+    return [run_one(unit[0], *args)]
 
 
 def _run_on_cluster(combos: List[Combination], args: tuple, cluster, workdir: Path, log: Callable[[str], None],
@@ -352,7 +389,7 @@ def run_matrix(spec: MatrixSpec, out_file: str | Path = "reports/matrix_runs.jso
         args = (spec.overrides, spec.experiment, parent.run_id, parent.uri)
         show = lambda rec: log(_line(rec, len(combos)))  # noqa: E731
         if cluster is None:
-            records = _run_here(combos, args, jobs, show)
+            records = _run_here(combos, args, jobs, show, spec.ensemble)
         else:
             cluster.jobs = jobs
             folder = Path(workdir or Path("outputs") / "matrix" / parent.run_id).resolve()
