@@ -311,17 +311,30 @@ def _log_not_applicable(parent, cells: List[Dict]) -> None:
         parent.logger.log_artifact(path, "matrix")
 
 
-def by_cell(combos: Sequence[Combination]) -> List[List[Combination]]:
-    """The seeds of each scenario x remedy cell together, in the matrix's order."""
+def by_cell(combos: Sequence[Combination], spec_overrides: Sequence[str] = ()) -> List[List[Combination]]:
+    """The seeds of each scenario x remedy cell together, in the matrix's order; a cell whose runs
+    cannot be stacked (gradlab.ensemble.unsupported: the RNNs, the transformer) stays one unit
+    per run, so the workers still share its runs out."""
+    from .ensemble import unsupported
+
     cells: Dict[Tuple[str, str], List[Combination]] = {}
     for c in combos:
         cells.setdefault((c.scenario.name, c.remedy.name), []).append(c)
-    return list(cells.values())
+    units = []
+    for cell in cells.values():
+        if len(cell) > 1 and unsupported(compose_config([*cell[0].overrides, *spec_overrides])) is None:
+            units.append(cell)
+        else:
+            units += [[c] for c in cell]
+    return units
 
 
 def _run_cell_records(cell: List[Combination], *args) -> List[Dict]:
+    """A cell's seeds as one ensemble; a single run (a cell that cannot be stacked) alone."""
     from .ensemble import run_cell
 
+    if len(cell) == 1:
+        return _run_one_list(cell, *args)
     return run_cell(cell, *args)
 
 
@@ -330,8 +343,8 @@ def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[
     """The in-process loop (``jobs`` > 1: joblib worker processes on this machine); with
     ``ensemble=seeds`` a unit of work is a cell's seeds (gradlab.ensemble.run_cell)."""
     records: List[Dict] = []
-    units = by_cell(combos) if ensemble == "seeds" else [[c] for c in combos]
-    work = _run_cell_records if ensemble == "seeds" else lambda unit, *a: [run_one(unit[0], *a)]
+    units = by_cell(combos, args[0]) if ensemble == "seeds" else [[c] for c in combos]
+    work = _run_cell_records if ensemble == "seeds" else _run_one_list
     with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
         if jobs == 1:
             for unit in units:
@@ -342,9 +355,8 @@ def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[
             from joblib import Parallel, delayed
 
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            fn = _run_cell_records if ensemble == "seeds" else _run_one_list
             for recs in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
-                    delayed(fn)(unit, *args, workdir, threads) for unit in units):
+                    delayed(work)(unit, *args, workdir, threads) for unit in units):
                 for rec in recs:
                     records.append(rec)
                     show(rec)
