@@ -15,6 +15,7 @@ The matrix is defined under ``matrix:`` in ``params.yaml``::
       seeds: [0, 1, 2]
       overrides: [trainer.deterministic=true]   # Hydra overrides for every run
       jobs: 1                                   # parallel training processes
+      ensemble: none                            # seeds: each cell's seeds as one vmapped ensemble (gradlab.ensemble)
 
 A remedy named in a list is one of ``matrix.remedies`` or a plain stabilizer value (``clip``,
 ``"[warmup,clip]"``: the override ``stabilizer=<value>``); the older ``stabilizers: [...]`` list
