@@ -7,6 +7,7 @@ Usage (DVC runs it without arguments):
   python pipelines/matrix.py --scenarios explode_rnn --remedies none clip lstm irnn --seeds 0 1
   python pipelines/matrix.py --scenarios explode_rnn --stabilizers none clip "[warmup,clip]"   # the same, older name
   python pipelines/matrix.py --seeds 0 -- data=synthetic trainer.max_steps=8   # extra Hydra overrides (after --)
+  python pipelines/matrix.py --ensemble seeds                  # each cell's seeds as one vectorized ensemble
   python pipelines/matrix.py --executor local --jobs 2         # the cells as 2 submitit jobs on this machine
   python pipelines/matrix.py --executor slurm --jobs 40 --slurm partition=gpu --slurm gpus_per_node=1
 Writes reports/matrix_runs.json (parent run id + child run ids) for pipelines/compare.py.
@@ -19,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from gradlab.cli import run_cli  # noqa: E402
-from gradlab.matrix import EXECUTORS, load_spec, narrow, run_matrix  # noqa: E402
+from gradlab.matrix import EXECUTORS, check_ensemble, load_spec, narrow, run_matrix  # noqa: E402
 
 
 def slurm_option(text: str) -> tuple:
@@ -52,6 +53,9 @@ def main(argv=None) -> int:
     p.add_argument("--remedies", "--stabilizers", nargs="+", dest="remedies",
                    help="every scenario runs these remedies (names of matrix.remedies, or stabilizer values)")
     p.add_argument("--seeds", nargs="+", type=int, help="replace matrix.seeds")
+    p.add_argument("--ensemble", choices=["none", "seeds", "interleaved"],
+                   help="seeds: each cell's seeds train as one vmapped ensemble; interleaved: as one process, each "
+                        "member on its own module (bit-exact) (default: matrix.ensemble)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     g = p.add_argument_group("cluster (submitit)")
     g.add_argument("--executor", choices=EXECUTORS, help="loop: this process (default: matrix.executor); local: "
@@ -72,6 +76,7 @@ def main(argv=None) -> int:
     spec.experiment = a.experiment or spec.experiment
     spec.seeds = a.seeds or spec.seeds
     spec.overrides = [*spec.overrides, *a.overrides]
+    spec.ensemble = check_ensemble(a.ensemble or spec.ensemble, a.executor or spec.executor)
     cluster = cluster_spec(a, a.executor or spec.executor, spec.jobs)
     result = run_matrix(spec, a.out, uri=a.tracking_uri, jobs=a.jobs, cluster=cluster, workdir=a.workdir)
     return 1 if result["failed"] else 0

@@ -137,8 +137,14 @@ class StepEngine:
         loss = F.cross_entropy(logits, y, label_smoothing=self.loss_cfg.label_smoothing)
         total = objective(loss, logits, self.model, self.loss_cfg)
         self.scaler.scale(total * weight if weight != 1.0 else total).backward()
+        self.update(self.parallel.global_loss(loss, weight), logits, y, n, fault)
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, n: int,
+               fault: Optional[torch.Tensor]) -> None:
+        """The step after backward: stabilizers, the optimizer step, telemetry, schedule
+        (``gradlab.ensemble`` calls it per member after one batched backward)."""
         self.scaler.unscale_(self.optimizer)  # stabilizers must see true gradients
-        if self.pipeline.begin(self.parallel.global_loss(loss, weight), self.step_count, self.schedule.lr, fault):
+        if self.pipeline.begin(loss, self.step_count, self.schedule.lr, fault):
             self.scaler.step(self.optimizer)
         not_applied = None
         if self.scaler.is_enabled():

@@ -15,6 +15,7 @@ The matrix is defined under ``matrix:`` in ``params.yaml``::
       seeds: [0, 1, 2]
       overrides: [trainer.deterministic=true]   # Hydra overrides for every run
       jobs: 1                                   # parallel training processes
+      ensemble: none                            # seeds: each cell's seeds as one vmapped ensemble (gradlab.ensemble)
 
 A remedy named in a list is one of ``matrix.remedies`` or a plain stabilizer value (``clip``,
 ``"[warmup,clip]"``: the override ``stabilizer=<value>``); the older ``stabilizers: [...]`` list
@@ -84,6 +85,7 @@ from .remedies import Remedy, define_all, overrides_list, resolve, stabilizer_re
 DEFAULT_EXPERIMENT = "gradlab-matrix"
 NONE = stabilizer_remedy("none")
 EXECUTORS = ("loop", "local", "slurm")  # local/slurm: gradlab.cluster
+ENSEMBLE_MODES = ("none", "seeds", "interleaved")  # matrix.ensemble (gradlab.ensemble)
 
 
 # ---------------------------------------------------------------- the matrix definition
@@ -118,6 +120,7 @@ class MatrixSpec:
     overrides: List[str] = field(default_factory=list)
     jobs: int = 1
     executor: str = "loop"  # loop (this process), or local / slurm: submitit jobs (gradlab.cluster)
+    ensemble: str = "none"  # seeds: each cell's seeds as one vmapped ensemble; interleaved: bit-exact (gradlab.ensemble)
 
     def remedies_of(self, scenario: Scenario) -> List[Remedy]:
         return list(self.remedies.values()) if scenario.remedies is None else scenario.remedies
@@ -153,7 +156,7 @@ def _scenario(value: Any, spec: MatrixSpec) -> Scenario:
 
 
 def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
-    known = {"experiment", "scenarios", "remedies", "stabilizers", "seeds", "overrides", "jobs", "executor"}
+    known = {"experiment", "scenarios", "remedies", "stabilizers", "seeds", "overrides", "jobs", "executor", "ensemble"}
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"matrix.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(known))})")
@@ -170,11 +173,21 @@ def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
     executor = d.get("executor") or "loop"
     if executor not in EXECUTORS:
         raise ConfigError("matrix.executor", f"'{executor}' is not one of {', '.join(EXECUTORS)}")
-    spec = MatrixSpec(experiment=str(d.get("experiment") or DEFAULT_EXPERIMENT),
+    ensemble = check_ensemble(d.get("ensemble") or "none", executor)
+    spec = MatrixSpec(experiment=str(d.get("experiment") or DEFAULT_EXPERIMENT), ensemble=ensemble,
                       remedies=define_all(d.get("stabilizers"), d.get("remedies")), seeds=seeds,
                       overrides=overrides_list(d.get("overrides"), "matrix.overrides"), jobs=jobs, executor=executor)
     spec.scenarios = [_scenario(s, spec) for s in scenarios]
     return spec
+
+
+def check_ensemble(value: Any, executor: str) -> str:
+    """``matrix.ensemble``: none, or seeds (each cell's seeds as one ensemble: gradlab.ensemble)."""
+    if value not in ENSEMBLE_MODES:
+        raise ConfigError("matrix.ensemble", f"'{value}' is not one of {', '.join(ENSEMBLE_MODES)}")
+    if value != "none" and executor != "loop":
+        raise ConfigError("matrix.ensemble", f"ensembles train in the loop executor, not '{executor}'")
+    return value
 
 
 def load_spec(params_file: str | Path = "params.yaml", key: str = "matrix") -> MatrixSpec:
@@ -288,7 +301,7 @@ def _parent_params(spec: MatrixSpec, combos: List[Combination], jobs: int, execu
     return {"scenarios": json.dumps([s.name for s in spec.scenarios]), "remedies": json.dumps(used),
             "cells": json.dumps({sc.name: [r.name for r in spec.remedies_of(sc)] for sc in spec.scenarios}),
             "seeds": json.dumps(spec.seeds), "overrides": json.dumps(spec.overrides), "jobs": str(jobs),
-            "n_runs": str(len(combos)), "executor": executor}
+            "n_runs": str(len(combos)), "executor": executor, "ensemble": spec.ensemble}
 
 
 def _log_not_applicable(parent, cells: List[Dict]) -> None:
@@ -299,23 +312,71 @@ def _log_not_applicable(parent, cells: List[Dict]) -> None:
         parent.logger.log_artifact(path, "matrix")
 
 
-def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[[Dict], None]) -> List[Dict]:
-    """The in-process loop (``jobs`` > 1: joblib worker processes on this machine)."""
+def by_cell(combos: Sequence[Combination], spec_overrides: Sequence[str] = (),
+            vectorize: bool = True) -> List[List[Combination]]:
+    """The seeds of each scenario x remedy cell together, in the matrix's order; a cell whose runs
+    cannot be stacked (gradlab.ensemble.unsupported: the RNNs, the transformer) stays one unit
+    per run, so the workers still share its runs out."""
+    from .ensemble import unsupported
+
+    cells: Dict[Tuple[str, str], List[Combination]] = {}
+    for c in combos:
+        cells.setdefault((c.scenario.name, c.remedy.name), []).append(c)
+    units = []
+    for cell in cells.values():
+        if len(cell) > 1 and unsupported(compose_config([*cell[0].overrides, *spec_overrides]), vectorize) is None:
+            units.append(cell)
+        else:
+            units += [[c] for c in cell]
+    return units
+
+
+def _run_cell_records(cell: List[Combination], *args) -> List[Dict]:
+    """A cell's seeds as one ensemble; a single run (a cell that cannot be stacked) alone."""
+    from .ensemble import run_cell
+
+    if len(cell) == 1:
+        return _run_one_list(cell, *args)
+    return run_cell(cell, *args)
+
+
+def _run_interleaved(cell: List[Combination], *args) -> List[Dict]:
+    """A cell's seeds as one interleaved (bit-exact, not vmapped) ensemble."""
+    from .ensemble import run_cell
+
+    if len(cell) == 1:
+        return _run_one_list(cell, *args)
+    args = list(args) + [None] * (6 - len(args))  # spec_overrides .. workdir, threads
+    return run_cell(cell, *args[:6], vectorize=False)
+
+
+def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[[Dict], None],
+              ensemble: str = "none") -> List[Dict]:
+    """The in-process loop (``jobs`` > 1: joblib worker processes on this machine); with
+    ``ensemble=seeds`` a unit of work is a cell's seeds (gradlab.ensemble.run_cell)."""
     records: List[Dict] = []
+    units = by_cell(combos, args[0], ensemble == "seeds") if ensemble != "none" else [[c] for c in combos]
+    work = {"seeds": _run_cell_records, "interleaved": _run_interleaved}.get(ensemble, _run_one_list)
     with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
         if jobs == 1:
-            for combo in combos:
-                records.append(run_one(combo, *args, workdir))
-                show(records[-1])
+            for unit in units:
+                for rec in work(unit, *args, workdir):
+                    records.append(rec)
+                    show(rec)
         else:
             from joblib import Parallel, delayed
 
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            for rec in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
-                    delayed(run_one)(c, *args, workdir, threads) for c in combos):
-                records.append(rec)
-                show(rec)
+            for recs in Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
+                    delayed(work)(unit, *args, workdir, threads) for unit in units):
+                for rec in recs:
+                    records.append(rec)
+                    show(rec)
     return records
+
+
+def _run_one_list(unit: List[Combination], *args) -> List[Dict]:
+    return [run_one(unit[0], *args)]
 
 
 def _run_on_cluster(combos: List[Combination], args: tuple, cluster, workdir: Path, log: Callable[[str], None],
@@ -352,7 +413,7 @@ def run_matrix(spec: MatrixSpec, out_file: str | Path = "reports/matrix_runs.jso
         args = (spec.overrides, spec.experiment, parent.run_id, parent.uri)
         show = lambda rec: log(_line(rec, len(combos)))  # noqa: E731
         if cluster is None:
-            records = _run_here(combos, args, jobs, show)
+            records = _run_here(combos, args, jobs, show, spec.ensemble)
         else:
             cluster.jobs = jobs
             folder = Path(workdir or Path("outputs") / "matrix" / parent.run_id).resolve()
