@@ -90,22 +90,20 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="worker processes, as the default matrix (2)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--mode", default="seeds", choices=["seeds", "interleaved"], help="the ensemble mode to compare")
     p.add_argument("--out", default="reports/bench_ensemble.json")
     a = p.parse_args(argv)
     warm_workers(a.jobs)
     rounds = []
     for r in range(a.rounds):
-        order = ["none", a.mode] if r % 2 == 0 else [a.mode, "none"]
+        order = ["none", "seeds"] if r % 2 == 0 else ["seeds", "none"]
         got = {mode: one(a.cells, a.seeds, mode, a.jobs, a.overrides) for mode in order}
-        got["seeds"] = got[a.mode]
         got["ratio"] = got["seeds"]["runs_per_hour"] / got["none"]["runs_per_hour"]
         rounds.append(got)
         print(f"round {r + 1}: individual {got['none']['wall_s']:.1f}s ({got['none']['runs_per_hour']:.0f} runs/h), "
               f"ensemble {got['seeds']['wall_s']:.1f}s ({got['seeds']['runs_per_hour']:.0f} runs/h): "
               f"{got['ratio']:.2f}x", file=sys.stderr)
     ratios = [g["ratio"] for g in rounds]
-    summary = {"mode": a.mode, "cells": a.cells, "seeds": a.seeds, "jobs": a.jobs, "overrides": a.overrides,
+    summary = {"cells": a.cells, "seeds": a.seeds, "jobs": a.jobs, "overrides": a.overrides,
                "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                "rounds": rounds}
     out = Path(a.out)
@@ -114,7 +112,7 @@ def main(argv=None) -> int:
     runs = rounds[0]["none"]["runs"]
     print(f"| matrix of {runs} runs ({len(a.cells)} cells x {len(a.seeds)} seeds), jobs {a.jobs} | wall s | runs/hour |")
     print("|---|---|---|")
-    for mode, label in (("none", "individual runs"), ("seeds", f"ensemble: {a.mode}")):
+    for mode, label in (("none", "individual runs"), ("seeds", "ensemble: seeds")):
         walls = [g[mode]["wall_s"] for g in rounds]
         rph = [g[mode]["runs_per_hour"] for g in rounds]
         print(f"| {label} | {statistics.median(walls):.1f} ({min(walls):.1f}-{max(walls):.1f}) | "

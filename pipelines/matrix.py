@@ -53,9 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--remedies", "--stabilizers", nargs="+", dest="remedies",
                    help="every scenario runs these remedies (names of matrix.remedies, or stabilizer values)")
     p.add_argument("--seeds", nargs="+", type=int, help="replace matrix.seeds")
-    p.add_argument("--ensemble", choices=["none", "seeds", "interleaved"],
-                   help="seeds: each cell's seeds train as one vmapped ensemble; interleaved: as one process, each "
-                        "member on its own module (bit-exact) (default: matrix.ensemble)")
+    p.add_argument("--ensemble", choices=["none", "seeds"], help="seeds: each cell's seeds train as one vectorized "
+                                                                 "ensemble (default: matrix.ensemble)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     g = p.add_argument_group("cluster (submitit)")
     g.add_argument("--executor", choices=EXECUTORS, help="loop: this process (default: matrix.executor); local: "

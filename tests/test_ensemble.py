@@ -119,16 +119,3 @@ def test_matrix_ensemble_key_is_checked():
         spec_from_dict({"scenarios": ["explode_high_lr"], "ensemble": "params"})
     with pytest.raises(ConfigError, match="matrix.ensemble"):
         spec_from_dict({"scenarios": ["explode_high_lr"], "ensemble": "seeds", "executor": "slurm"})
-
-
-def test_interleaved_members_are_bit_exact(tmp_path):
-    """vectorize=False: each member steps its own module with its individual run's kernels."""
-    seeds = (0, 1)
-    alone = [Trainer(member_cfg(tmp_path, f"alone{s}", s, "stabilizer=clip", steps=15), tmp_path / f"alone{s}") for s in seeds]
-    for t in alone:
-        t.fit()
-    ens = Ensemble([member_cfg(tmp_path, f"ens{s}", s, "stabilizer=clip", steps=15) for s in seeds],
-                   [tmp_path / f"ens{s}" for s in seeds], vectorize=False)
-    ens.fit()
-    for a, b in zip(alone, ens.members):
-        assert np.array_equal(np.concatenate(a.history.rows), np.concatenate(b.history.rows), equal_nan=True)

@@ -38,31 +38,30 @@ from .data import DeviceData, load_splits
 from .engine import z_penalty
 from .training import StopSignal, Trainer, TrainResult, log
 
-def unsupported(cfg, vectorize: bool = True) -> Optional[str]:
-    """Why the runs of ``cfg``'s cell cannot be stacked (they then train one at a time), or None.
-    Interleaved members (``vectorize=False``) step their own modules: only what shares the
-    process's global state (dropout's RNG) or is a process of its own rules them out."""
-    m, t = cfg.model, cfg.trainer
-    if (m.get("dropout") or 0) > 0:
-        return "model.dropout > 0: dropout's masks would not match the individual runs' RNG"
-    if t.strategy != "none":
-        return f"trainer.strategy={t.strategy}: an ensemble is one process"
-    if t.resume:
-        return "trainer.resume: a resumed run continues alone"
-    if t.preflight:
-        return "trainer.preflight: the preflight runs the model outside the step"
-    if not vectorize:
-        return None
+def unsupported(cfg) -> Optional[str]:
+    """Why the runs of ``cfg``'s cell cannot be stacked (they then train one at a time), or None."""
+    m = cfg.model
     if m.name in ("rnn", "lstm"):
         return f"model={m.name}: torch.func.vmap has no batching rule for torch's fused RNN kernels"
     if m.name == "vit":
         return "model=vit: the attention-logit probes are not recorded under vmap"
     if m.get("norm") == "batchnorm":
         return "model.norm=batchnorm: running statistics are buffers updated in place"
+    if (m.get("dropout") or 0) > 0:
+        return "model.dropout > 0: dropout's masks would not match the individual runs' RNG"
+    t = cfg.trainer
+    if t.strategy != "none":
+        return f"trainer.strategy={t.strategy}: an ensemble is one process"
     if t.precision != "32":
-        return f"trainer.precision={t.precision}: vmapped ensembles train in float32"
+        return f"trainer.precision={t.precision}: ensembles train in float32"
+    if t.resume:
+        return "trainer.resume: a resumed run continues alone"
+    if t.preflight:
+        return "trainer.preflight: the preflight runs the model outside the step"
     if cfg.loss.l1 > 0:
         return "loss.l1 > 0: the L1 penalty reads the module's parameters"
+    if cfg.scheduler.name == "plateau":
+        return "scheduler=plateau: fine per member, but not tested in an ensemble"
     return None
 
 
@@ -116,16 +115,12 @@ class Ensemble:
     """Trains ``cfgs`` (one cell's runs, differing in the seed) as one ensemble; ``fit`` returns
     each member's TrainResult, in the order of ``cfgs``."""
 
-    def __init__(self, cfgs: Sequence[Any], output_dirs: Sequence[Path], data: Optional[Dict[str, Any]] = None,
-                 vectorize: bool = True):
-        """``vectorize=False``: each member's own ``StepEngine.step`` on its own module, interleaved
-        (its individual run's kernels: bit-exact; only the process, data and evaluation are shared)."""
-        self.vectorize = vectorize
+    def __init__(self, cfgs: Sequence[Any], output_dirs: Sequence[Path], data: Optional[Dict[str, Any]] = None):
         keys = {shapes_key(c) for c in cfgs}
         if len(keys) > 1:
             raise ValueError("ensemble members must differ only in their seed (model, data, batch, loss differ)")
         for cfg in cfgs:
-            reason = unsupported(cfg, vectorize)
+            reason = unsupported(cfg)
             if reason:
                 raise ValueError(f"cannot train as an ensemble: {reason}")
         if cfgs[0].trainer.threads:
@@ -156,10 +151,6 @@ class Ensemble:
     def step(self, active: List[Trainer], batches: List[tuple]) -> None:
         """Each active member's faults on its own batch, one forward/backward for all, then each
         member's own update on its views (``StepEngine.update``)."""
-        if not self.vectorize:
-            for m, (x, y) in zip(active, batches):
-                m.engine.step(x, y)
-            return
         xs, ys, faults = [], [], []
         for m, (x, y) in zip(active, batches):
             x, y, fault = m.engine.faults.apply(m.engine.step_count, x, y)
@@ -199,7 +190,7 @@ class Ensemble:
         active = [m for m in self.members if not m.done]
         for m in [m for m in self.members if m.done]:
             self._end(m, runs[id(m)])
-        self._build(active)
+        self.stack.build(active)
         for m in active:
             if m.snapshots.due(m.engine.step_count):
                 m.snapshots.take(m.engine, m.order)
@@ -228,7 +219,7 @@ class Ensemble:
                         self._end(m, runs[id(m)])
                     active, iters = [m for m, _ in keep], [it for _, it in keep]
                     if active:
-                        self._build(active)
+                        self.stack.build(active)
             for m in list(active):
                 t0 = time.perf_counter()
                 m.flush(runs[id(m)])
@@ -241,11 +232,7 @@ class Ensemble:
             if leaving:
                 active = [m for m in active if not m.done]
                 if active:
-                    self._build(active)
-
-    def _build(self, active: List[Trainer]) -> None:
-        if self.vectorize:
-            self.stack.build(active)
+                    self.stack.build(active)
 
     def _end(self, m: Trainer, run, flushed: bool = False) -> None:
         """What ``Trainer.fit`` does after its loop: the last flush, the epoch's validation if the
@@ -293,7 +280,7 @@ def _finite(x: Optional[float]) -> Optional[float]:
 
 
 def run_cell(combos: Sequence[Any], spec_overrides: Sequence[str], experiment: str, parent_run_id: str, uri: str,
-             workdir: str, threads: Optional[int] = None, vectorize: bool = True) -> List[Dict]:
+             workdir: str, threads: Optional[int] = None) -> List[Dict]:
     """The seeds of one matrix cell (``gradlab.matrix.Combination``s) as one ensemble, then each
     member's test evaluation; the same records as ``gradlab.matrix.run_one`` gives, one per seed.
     A cell that cannot be stacked (``unsupported``) runs its seeds one at a time, as without
@@ -313,7 +300,7 @@ def run_cell(combos: Sequence[Any], spec_overrides: Sequence[str], experiment: s
                              run_name=f"{c.scenario.name}-{c.remedy.name}-s{c.seed}",
                              tags={"matrix": parent_run_id, "matrix/cell": c.index, **c.remedy.tags()})
                 for c, rec, out in zip(combos, records, out_dirs)]
-        reason = unsupported(cfgs[0], vectorize) if len(cfgs) > 1 else "one seed"
+        reason = unsupported(cfgs[0]) if len(cfgs) > 1 else "one seed"
     except Exception as exc:  # noqa: BLE001 - a config error: run_one records it per run
         cfgs, reason = [], f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     if reason:
@@ -322,7 +309,7 @@ def run_cell(combos: Sequence[Any], spec_overrides: Sequence[str], experiment: s
             rec["ensemble"] = f"individual runs ({reason})"
         return out
     try:
-        ensemble = Ensemble(cfgs, out_dirs, vectorize=vectorize)
+        ensemble = Ensemble(cfgs, out_dirs)
         results = ensemble.fit()
     except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the other cells
         for rec in records:

@@ -85,7 +85,7 @@ from .remedies import Remedy, define_all, overrides_list, resolve, stabilizer_re
 DEFAULT_EXPERIMENT = "gradlab-matrix"
 NONE = stabilizer_remedy("none")
 EXECUTORS = ("loop", "local", "slurm")  # local/slurm: gradlab.cluster
-ENSEMBLE_MODES = ("none", "seeds", "interleaved")  # matrix.ensemble (gradlab.ensemble)
+ENSEMBLE_MODES = ("none", "seeds")  # matrix.ensemble (gradlab.ensemble)
 
 
 # ---------------------------------------------------------------- the matrix definition
@@ -120,7 +120,7 @@ class MatrixSpec:
     overrides: List[str] = field(default_factory=list)
     jobs: int = 1
     executor: str = "loop"  # loop (this process), or local / slurm: submitit jobs (gradlab.cluster)
-    ensemble: str = "none"  # seeds: each cell's seeds as one vmapped ensemble; interleaved: bit-exact (gradlab.ensemble)
+    ensemble: str = "none"  # seeds: each cell's seeds train as one vectorized ensemble (gradlab.ensemble)
 
     def remedies_of(self, scenario: Scenario) -> List[Remedy]:
         return list(self.remedies.values()) if scenario.remedies is None else scenario.remedies
@@ -312,8 +312,7 @@ def _log_not_applicable(parent, cells: List[Dict]) -> None:
         parent.logger.log_artifact(path, "matrix")
 
 
-def by_cell(combos: Sequence[Combination], spec_overrides: Sequence[str] = (),
-            vectorize: bool = True) -> List[List[Combination]]:
+def by_cell(combos: Sequence[Combination], spec_overrides: Sequence[str] = ()) -> List[List[Combination]]:
     """The seeds of each scenario x remedy cell together, in the matrix's order; a cell whose runs
     cannot be stacked (gradlab.ensemble.unsupported: the RNNs, the transformer) stays one unit
     per run, so the workers still share its runs out."""
@@ -324,7 +323,7 @@ def by_cell(combos: Sequence[Combination], spec_overrides: Sequence[str] = (),
         cells.setdefault((c.scenario.name, c.remedy.name), []).append(c)
     units = []
     for cell in cells.values():
-        if len(cell) > 1 and unsupported(compose_config([*cell[0].overrides, *spec_overrides]), vectorize) is None:
+        if len(cell) > 1 and unsupported(compose_config([*cell[0].overrides, *spec_overrides])) is None:
             units.append(cell)
         else:
             units += [[c] for c in cell]
@@ -340,23 +339,13 @@ def _run_cell_records(cell: List[Combination], *args) -> List[Dict]:
     return run_cell(cell, *args)
 
 
-def _run_interleaved(cell: List[Combination], *args) -> List[Dict]:
-    """A cell's seeds as one interleaved (bit-exact, not vmapped) ensemble."""
-    from .ensemble import run_cell
-
-    if len(cell) == 1:
-        return _run_one_list(cell, *args)
-    args = list(args) + [None] * (6 - len(args))  # spec_overrides .. workdir, threads
-    return run_cell(cell, *args[:6], vectorize=False)
-
-
 def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[[Dict], None],
               ensemble: str = "none") -> List[Dict]:
     """The in-process loop (``jobs`` > 1: joblib worker processes on this machine); with
     ``ensemble=seeds`` a unit of work is a cell's seeds (gradlab.ensemble.run_cell)."""
     records: List[Dict] = []
-    units = by_cell(combos, args[0], ensemble == "seeds") if ensemble != "none" else [[c] for c in combos]
-    work = {"seeds": _run_cell_records, "interleaved": _run_interleaved}.get(ensemble, _run_one_list)
+    units = by_cell(combos, args[0]) if ensemble == "seeds" else [[c] for c in combos]
+    work = _run_cell_records if ensemble == "seeds" else _run_one_list
     with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
         if jobs == 1:
             for unit in units:
