@@ -7,9 +7,8 @@ Per optimizer step, the same model (gradlab's mlp / cnn), Adam, batch 128, one t
   bare            resident tensors: zero_grad, forward, loss, backward, step; no clip, no logging (the floor),
                   torch.optim.Adam with torch's defaults (what a hand-written loop uses)
   bare+clip       the same + torch.nn.utils.clip_grad_norm_
-  fused, fused+clip   bare and bare+clip with Adam(fused=True), the kernel gradlab's step uses: the floor
-                  that isolates what gradlab's telemetry costs
   gradlab.step    StepEngine.step: full default telemetry + clip (and its host copy every log_every steps)
+  gradlab.step/fused   the same with optimizer.fused=true (torch's fused Adam kernel)
   gradlab.fit     Trainer.fit with clip, MLflow included (its time/step_ms: the loop, flushes and logging)
   examples        pytorch/examples style: torchvision MNIST + DataLoader(num_workers=1), ToTensor/Normalize per item
   lightning/50    Lightning Trainer + MLFlowLogger on a TensorDataset DataLoader, logging every 50 steps
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from gradlab.config import compose_config  # noqa: E402
@@ -67,10 +67,10 @@ def resident(cfg, n: int):
     return DeviceData(splits["train_x"][:n], splits["train_y"][:n], torch.device("cpu"))
 
 
-def bare(cfg, clip: bool, fused: bool = False):
+def bare(cfg, clip: bool):
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = resident(cfg, 8192)
     batches = list(data.batches(cfg.trainer.batch_size))
     state = {"i": 0}
@@ -291,9 +291,10 @@ def main() -> None:
         cfg = compose_config([f"model={model}", "stabilizer=clip", "trainer.device=cpu", "trainer.progress=false",
                               f"data.root={tmp / 'data'}", f"tracking.uri=sqlite:///{tmp / 'gradlab.db'}",
                               "trainer.checkpoint_every=0", "telemetry.plots=false", "trainer.threads=1"])
+        fused = cfg.copy()
+        OmegaConf.update(fused, "optimizer.fused", True)
         variants = {"bare": bare(cfg, clip=False), "bare+clip": bare(cfg, clip=True),
-                    "fused": bare(cfg, clip=False, fused=True), "fused+clip": bare(cfg, clip=True, fused=True),
-                    "gradlab.step": gradlab_step(cfg, tmp), "gradlab.fit": gradlab_fit(cfg, tmp),
+                    "gradlab.step": gradlab_step(cfg, tmp), "gradlab.step/fused": gradlab_step(fused, tmp), "gradlab.fit": gradlab_fit(cfg, tmp),
                     "examples": examples_style(cfg, tmp)}
         for every in (50, 1):
             run = lightning(cfg, tmp, every)

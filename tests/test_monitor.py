@@ -63,7 +63,7 @@ def assert_same_telemetry(mine, theirs, rel=1e-6, steps=True):
 def test_monitor_telemetry_equals_the_trainers(tmp_path, stack):
     trainer, model, batches = reference(tmp_path, STACKS[stack])
     trainer.fit()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # the trainer's Adam (fused by default)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     monitor = GradientMonitor(model, optimizer, knobs(STACKS[stack]), telemetry={"log_every": 5, "layer_every": 4},
                               tracking=False, out_dir=tmp_path / "mine")
     user_steps(model, batches, monitor, optimizer)
@@ -79,7 +79,7 @@ def test_monitor_run_record_matches_the_trainers(tmp_path, tmp_store):
     over = ["stabilizer=[warmup,clip]", "stabilizer.warmup.steps=3"]
     trainer, model, batches = reference(tmp_path, over)
     trainer.fit()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     monitor = GradientMonitor(model, optimizer, knobs(over), telemetry={"log_every": 5, "layer_every": 4},
                               tracking={"uri": tmp_store, "experiment": "mine", "tags": {"team": "a"}},
                               out_dir=tmp_path / "mine")
