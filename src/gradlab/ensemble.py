@@ -3,7 +3,7 @@
 Why: the seeds of a cell differ only in the seed, so their models have the same shapes. One
 forward and one backward over the stacked parameters (``torch.func.functional_call`` under
 ``torch.func.vmap``) serve every member, and the process, the data and the test split are
-loaded once for all of them.
+loaded once for all of them (gradlab.data keeps a process's verified splits and their device copies).
 
 How a member stays its individual run: every member is a whole ``Trainer``, built in seed
 order exactly as its individual run builds it (``seed_everything(seed)`` before ``build_model``:
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from .data import DeviceData, load_splits
 from .engine import z_penalty
-from .training import StopSignal, Trainer, TrainResult, log
+from .training import StopSignal, Trainer, TrainResult
+
 
 def unsupported(cfg) -> Optional[str]:
     """Why the runs of ``cfg``'s cell cannot be stacked (they then train one at a time), or None."""
@@ -74,14 +74,6 @@ def shapes_key(cfg) -> tuple:
             repr(c["loss"]))
 
 
-def load_shared(cfg, device: torch.device) -> Dict[str, Any]:
-    """The splits once, on the device, for every member (``Trainer(data=...)``, ``evaluate(data=...)``)."""
-    splits = load_splits(cfg.data, log=log)
-    return {"splits": splits, "train": DeviceData(splits["train_x"], splits["train_y"], device),
-            "val": DeviceData(splits["val_x"], splits["val_y"], device),
-            "test": DeviceData(splits["test_x"], splits["test_y"], device)}
-
-
 class Stack:
     """The active members' parameters as one tensor per name, [members, *shape]; each member's
     parameters and gradients are views into it."""
@@ -115,7 +107,7 @@ class Ensemble:
     """Trains ``cfgs`` (one cell's runs, differing in the seed) as one ensemble; ``fit`` returns
     each member's TrainResult, in the order of ``cfgs``."""
 
-    def __init__(self, cfgs: Sequence[Any], output_dirs: Sequence[Path], data: Optional[Dict[str, Any]] = None):
+    def __init__(self, cfgs: Sequence[Any], output_dirs: Sequence[Path]):
         keys = {shapes_key(c) for c in cfgs}
         if len(keys) > 1:
             raise ValueError("ensemble members must differ only in their seed (model, data, batch, loss differ)")
@@ -123,13 +115,7 @@ class Ensemble:
             reason = unsupported(cfg)
             if reason:
                 raise ValueError(f"cannot train as an ensemble: {reason}")
-        if cfgs[0].trainer.threads:
-            torch.set_num_threads(cfgs[0].trainer.threads)
-        from .config import resolve_device
-
-        self.device = resolve_device(cfgs[0].trainer.device)
-        self.data = data or load_shared(cfgs[0], self.device)
-        self.members = [Trainer(cfg, Path(out), data=self.data) for cfg, out in zip(cfgs, output_dirs)]
+        self.members = [Trainer(cfg, Path(out)) for cfg, out in zip(cfgs, output_dirs)]
         for m in self.members:
             _own_model_state(m)
         self.loss_cfg = cfgs[0].loss
@@ -269,11 +255,6 @@ def _own_model_state(member: Trainer) -> None:
     engine.state_dict = owned
 
 
-def train_ensemble(cfgs: Sequence[Any], output_dirs: Sequence[Path]) -> List[TrainResult]:
-    """Train ``cfgs`` (one cell's seeds) as one ensemble; each result is its member's run."""
-    return Ensemble(cfgs, output_dirs).fit()
-
-
 # ---------------------------------------------------------------- the matrix's unit of work
 def _finite(x: Optional[float]) -> Optional[float]:
     return x if x is not None and math.isfinite(x) else None
@@ -321,8 +302,7 @@ def run_cell(combos: Sequence[Any], spec_overrides: Sequence[str], experiment: s
                    diverged_at_step=result.diverged_at_step, explosion_step=result.explosion_step,
                    val_accuracy=_finite(result.val_accuracy), ensemble=len(records))
         try:
-            ev = evaluate(result.checkpoint, None, device=cfg.trainer.device, tracking_uri=uri, out_dir=out,
-                          data=ensemble.data)
+            ev = evaluate(result.checkpoint, None, device=cfg.trainer.device, tracking_uri=uri, out_dir=out)
             rec["test_accuracy"] = _finite(ev["test/accuracy"])
             rec["status"] = "FINISHED"
         except Exception as exc:  # noqa: BLE001

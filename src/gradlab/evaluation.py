@@ -54,18 +54,16 @@ def store_of(state: dict, uri: Optional[str], path) -> str:
 
 
 def evaluate(checkpoint_path: str | Path, metrics_file: Optional[str | Path] = None, batch_size: int = 1000,
-             device: str = "auto", tracking_uri: Optional[str] = None, out_dir: Optional[Path] = None,
-             data: Optional[dict] = None) -> dict:
-    """``data``: the splits (``{"splits", "test"}``) already loaded, shared by an ensemble's members."""
+             device: str = "auto", tracking_uri: Optional[str] = None, out_dir: Optional[Path] = None) -> dict:
     dev = resolve_device(device)
     state = checkpoint.load(checkpoint_path, dev, "checkpoint")
     cfg = OmegaConf.create(state["config"])
-    splits = data["splits"] if data else load_splits(cfg.data)
+    splits = load_splits(cfg.data)
     if splits["checksum"] != state["data_checksum"]:
         raise ConfigError("checkpoint", f"trained on data {state['data_checksum']}, but the data here is {splits['checksum']}")
     model = build_model(cfg.model, cfg.data).to(dev)
     model.load_state_dict(state["engine"]["model"])
-    test = data["test"] if data and "test" in data else DeviceData(splits["test_x"], splits["test_y"], dev)
+    test = DeviceData(splits["test_x"], splits["test_y"], dev)
     loss, acc, pred = evaluate_split(model, test, batch_size)
     labels = test.y.cpu()
     matrix = torch.bincount(labels * 10 + pred.cpu(), minlength=100).view(10, 10).numpy()

@@ -154,10 +154,7 @@ def single_process_only(cfg):
 class Trainer:
     """One run: the data on the device, the step engine, and the loop that drives it."""
 
-    def __init__(self, cfg, output_dir: Path, parallel: Optional[distributed.Parallel] = None,
-                 data: Optional[dict] = None):
-        """``data``: splits already loaded and on the device (``{"splits", "train", "val"}``), shared by
-        the members of an ensemble (gradlab.ensemble); default: loaded here."""
+    def __init__(self, cfg, output_dir: Path, parallel: Optional[distributed.Parallel] = None):
         check(cfg)
         self.cfg, self.output_dir = cfg, Path(output_dir)
         if cfg.trainer.threads:
@@ -166,11 +163,11 @@ class Trainer:
         if self.parallel.active:
             cfg = self.cfg = single_process_only(cfg)
         seed_everything(cfg.seed, cfg.trainer.deterministic)
-        splits = data["splits"] if data else load_splits(cfg.data, log=log)
+        splits = load_splits(cfg.data, log=log)
         self.data_checksum = splits["checksum"]
         self.data_sizes = {k: len(splits[f"{k}_y"]) for k in ("train", "val", "test")}
-        self.train_data = data["train"] if data else DeviceData(splits["train_x"], splits["train_y"], self.device)
-        self.val_data = data["val"] if data else DeviceData(splits["val_x"], splits["val_y"], self.device)
+        self.train_data = DeviceData(splits["train_x"], splits["train_y"], self.device)
+        self.val_data = DeviceData(splits["val_x"], splits["val_y"], self.device)
         self.order = EpochOrder(cfg.seed, len(self.train_data), cfg.trainer.batch_size)
         self.total_steps = self.order.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
         model = self.parallel.wrap(build_model(cfg.model, cfg.data).to(self.device), self.device)
