@@ -202,6 +202,40 @@ def test_eight_training_processes_on_a_new_sqlite_store(tmp_path):
         assert steps_of(uri, run.info.run_id) == list(range(30))
 
 
+def test_two_runs_logging_the_same_new_dataset_at_once(tmp_path):
+    """MLflow's SQL store looks a dataset up and then inserts it: a run that loses that race gets a
+    unique-key error (PostgreSQL's "duplicate key ... dataset_pk", seen in CI with 8 processes on an
+    MLflow server). The loser must still be linked to the dataset, not crash; other errors still raise."""
+    from mlflow.exceptions import MlflowException
+    from gradlab.tracking import RunLogger
+
+    uri = store_uri(tmp_path)
+    first = RunLogger.start(uri, "gradlab", "first", {})
+    first.log_dataset("mnist", "abc123", "here", {"train": 10})
+    second = RunLogger.start(uri, "gradlab", "second", {})
+    real, calls = second.client.log_inputs, []
+
+    def lost_the_race(run_id, datasets):  # what the loser sees: the winner committed between lookup and insert
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise MlflowException('BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates '
+                                  'unique constraint "dataset_pk"')
+        return real(run_id, datasets)
+
+    second.client.log_inputs = lost_the_race
+    second.log_dataset("mnist", "abc123", "here", {"train": 10})
+    for run in (first, second):
+        run.close()
+    linked = [r.inputs.dataset_inputs for r in (client(uri).get_run(first.run_id), client(uri).get_run(second.run_id))]
+    assert len(calls) == 2 and [[d.dataset.digest for d in inputs] for inputs in linked] == [["abc123"], ["abc123"]]
+
+    third = RunLogger.start(uri, "gradlab", "third", {})
+    third.client.log_inputs = lambda *a: (_ for _ in ()).throw(MlflowException("RESOURCE_DOES_NOT_EXIST: no run"))
+    with pytest.raises(MlflowException, match="no run"):
+        third.log_dataset("mnist", "abc123", "here", {"train": 10})
+    third.close()
+
+
 # ---------------------------------------------------------------- 3. kill -9, SIGTERM
 LONG = ["trainer.epochs=400", "trainer.checkpoint_every=100", "telemetry.log_every=25"]
 

@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from .errors import StorageError
@@ -40,6 +41,13 @@ logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(log
 
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAM_BATCH = 100  # ... and on params/tags
+DATASET_TRIES = 5  # RunLogger.log_dataset against a concurrent first insert of the same dataset
+
+
+def _duplicate_key(err: Exception) -> bool:
+    """Whether a store error is a unique-key clash (a concurrent insert won), not a real failure."""
+    text = str(err).lower()
+    return "duplicate key" in text or "unique constraint" in text
 
 
 def tracking_uri(uri: Optional[str] = None) -> str:
@@ -327,7 +335,19 @@ class RunLogger:
 
         dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
                           profile=json.dumps({"num_rows": sizes}))
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+        for attempt in range(DATASET_TRIES):
+            try:
+                self.client.log_inputs(self.run_id, inputs)
+                return
+            except MlflowException as err:
+                # MLflow's SQL store looks the dataset up, then inserts it: two runs starting at once on the
+                # same data can both miss it, and the second insert breaks the unique key (PostgreSQL's
+                # "duplicate key", SQLite's "UNIQUE constraint"). The transaction was rolled back, so
+                # trying again finds the dataset the other run created and only links it.
+                if attempt == DATASET_TRIES - 1 or not _duplicate_key(err):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def heartbeat(self, force: bool = True) -> None:
         """Tell other processes this run is alive (see close_stale_runs)."""
