@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import numpy as np  # noqa: E402
 
 from gradlab.foresight import HEALTHY_SUITE  # noqa: E402
 
@@ -96,12 +95,9 @@ def later_warning(trainer):
     from gradlab.foresight import WarningWatch
     from gradlab.preflight import bounded_by
 
-    h = trainer.history
-    lam = {s: v for k, v, s in h.sparse if k == "sharpness/lambda_max"}
-    later = [(s, lam[s] / v, np.array([lam[s], v, np.nan])) for k, v, s in h.sparse
-             if k == "sharpness/stability_ratio" and s > 0]
+    later = [m for m in trainer.foresight.measured if m[0] > 0]
     watch = WarningWatch(trainer.cfg, trainer.engine.recorder.layers, bounded_by(trainer.engine.stack))
-    return watch.update(h, later)
+    return watch.update(trainer.history, later)
 
 
 def lead_table(seeds, dump) -> None:
