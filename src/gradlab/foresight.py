@@ -3,7 +3,7 @@
 The gauge measures, every ``telemetry.sharpness_every`` steps and before that step's update,
 the top (preconditioned) Hessian eigenvalue on the step's batch (power iteration warm-started
 from the previous eigenvector: ``telemetry.sharpness_iters`` products; the first measurement
-starts cold with ``preflight.COLD_ITERS``) and, for recurrent models, the recurrent Jacobian's
+starts cold: Lanczos with ``sharpness.COLD_PRODUCTS``) and, for recurrent models, the recurrent Jacobian's
 growth over the sequence. It is device work only; its numbers reach the host with the next
 telemetry flush (the loop flushes right after a measurement, so a warning is known before the
 next update).
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from . import sharpness
-from .preflight import COLD_ITERS, bounded_by, recurrent_growth
+from .preflight import bounded_by, recurrent_growth
 from .telemetry import History, layer_norms
 
 GAUGE_KEYS = ("sharpness/lambda_max", "sharpness/stability_ratio", "sharpness/recurrent_growth")
@@ -110,8 +110,7 @@ class Gauge:
 
     def _measure(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         e = self.engine
-        m = sharpness.measure(e.model, e.optimizer, self.cfg.optimizer, x, y, e.schedule.lr,
-                              self.iters if self.vector is not None else COLD_ITERS, self.vector,
+        m = sharpness.measure(e.model, e.optimizer, self.cfg.optimizer, x, y, e.schedule.lr, self.iters, self.vector,
                               self.cfg.loss.label_smoothing, self.generator)
         self.vector = m.vector
         growth = recurrent_growth(e.model, x, generator=self.generator)
