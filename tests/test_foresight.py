@@ -206,7 +206,7 @@ def test_stability_forecast_warns_before_the_lr_rises():
     spike = Forecast(lr=0.05, peak=1.0, at=300, limit=2.0)  # the limit at the peak: under lambda
     assert watch(["optimizer=sgd"]).from_gauge(0, 44.0, FORECAST_ROW) is None  # the present alone: stable
     hit = watch(["optimizer=sgd"]).from_gauge(0, 44.0, FORECAST_ROW, spike)
-    assert hit.step == 0 and hit.reason.startswith("stability forecast: LR x20 at step 300 (1) crosses the limit: "
+    assert hit.step == 0 and hit.reason.startswith("stability forecast: LR x20 at step 300 (lr 1) crosses the limit: "
                                                    "ratio 1.1 >= 1 at initialization")
     w = watch(["optimizer=sgd"])
     assert w.from_gauge(100, 44.0, FORECAST_ROW, spike) is None  # later: two in a row, as for the present ratio

@@ -169,7 +169,7 @@ class WarningWatch:
             return None
         when = "at initialization" if step == 0 else "at two measurements in a row"
         if rises and ratio < self.ratio:  # the LR to come crosses the limit, the present one does not
-            return Warning(step, f"stability forecast: LR x{ahead.factor:.3g} at step {ahead.at} ({ahead.peak:.3g}) "
+            return Warning(step, f"stability forecast: LR x{ahead.factor:.3g} at step {ahead.at} (lr {ahead.peak:.3g}) "
                                  f"crosses the limit: ratio {r:.3g} >= {self.ratio:g} {when} (lambda_max {lam:.4g}, "
                                  f"limit {ahead.limit:.4g} there, {limit:.4g} now)", self.largest(shares))
         return Warning(step, f"stability ratio {r:.3g} >= {self.ratio:g} {when} (lambda_max {lam:.4g}, limit "
