@@ -1,6 +1,7 @@
 """The cold (first) sharpness measurement: Lanczos with few products against power iteration.
 
     python benchmarks/foresight_cold.py [--seeds 0 1] [--products 8 10] [--rounds 3] [--device cpu]
+    python benchmarks/foresight_cold.py --gauge [--rounds 5]   # the whole first gauge measurement, mlp and cnn
 
 On each config's first training batch at step 0 (the gauge's first measurement: the preconditioned
 operator for Adam-type optimizers), from the same random start: power iteration with 20 products
@@ -8,6 +9,10 @@ operator for Adam-type optimizers), from the same random start: power iteration 
 power iterations (its sign: the top eigenvalue by magnitude, which Lanczos does not look for). Cost:
 the median over ``--rounds`` interleaved rounds of each estimate's wall time (one torch thread), and
 its ratio to the 20 power iterations in the same rounds. Prints Markdown.
+
+``--gauge``: the gauge's whole cold measurement (``Gauge.measure`` with no warm start, then the flush
+that reads it back: the gradient graph, the preconditioner, the products) with Lanczos against the
+same with 20 power iterations, on the benchmarks' synthetic batch, interleaved rounds.
 """
 from __future__ import annotations
 
@@ -58,14 +63,51 @@ def estimates(overrides, seed: int, products, rounds: int, device: str) -> dict:
             "ratio": {n: m / med["power 20"] for n, m in med.items()}}
 
 
+def gauge_table(rounds: int, device: str) -> None:
+    from bench import one_batch, trainers
+    from gradlab import sharpness
+
+    lanczos = sharpness.lanczos
+    power20 = lambda hvp, v0, steps: sharpness.power_iteration(hvp, v0, 20)  # noqa: E731
+    print(f"| model | cold gauge, Lanczos {sharpness.COLD_PRODUCTS} (ms) | cold gauge, 20 power iterations (ms) | "
+          f"ratio (median of {rounds} rounds) |")
+    print("|---|---|---|---|")
+    for model in ("mlp", "cnn"):
+        trainer = trainers({"f": []}, [f"model={model}", f"trainer.device={device}", "trainer.batch_size=128"])["f"]
+        x, y = one_batch(trainer, 128)
+        gauge = trainer.foresight.gauge
+
+        def cold(estimate) -> float:
+            sharpness.lanczos, gauge.vector = estimate, None
+            t0 = time.perf_counter()
+            gauge.measure(0, x, y)
+            gauge.flush()
+            return time.perf_counter() - t0
+
+        try:
+            cold(lanczos), cold(power20)  # warm-up
+            times = {"lanczos": [], "power": []}
+            for _ in range(rounds):
+                times["lanczos"].append(cold(lanczos))
+                times["power"].append(cold(power20))
+        finally:
+            sharpness.lanczos = lanczos
+        ratio = statistics.median(a / b for a, b in zip(times["lanczos"], times["power"]))
+        print(f"| {model} | {statistics.median(times['lanczos']) * 1000:.0f} | "
+              f"{statistics.median(times['power']) * 1000:.0f} | {ratio:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--products", type=int, nargs="+", default=[8, 10])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gauge", action="store_true", help="time the whole first gauge measurement instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.gauge:
+        return gauge_table(args.rounds, args.device)
     names = ["power 20", *[f"Lanczos {k}" for k in args.products]]
     print(f"| config | seed | reference ({REFERENCE} power iterations) | "
           + " | ".join(f"{n}: error, ms (x power 20)" for n in names) + " |")
