@@ -21,9 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import numpy as np  # noqa: E402
 
-from gradlab.foresight import HEALTHY_SUITE  # noqa: E402
+from gradlab.foresight import FORECAST_KEY, HEALTHY_SUITE  # noqa: E402
 
 PINNED = ["trainer.deterministic=true", "trainer.threads=1", "trainer.progress=false", "telemetry.plots=false"]
 PRESETS = ["explode_deep_mlp", "explode_high_lr", "explode_rnn"]
@@ -65,6 +64,7 @@ def train_all(configs, seeds, dump):
                 r = trainer.fit()
                 w = trainer.foresight.watch.warning
                 ratios = [v for k, v, _ in trainer.history.sparse if k == "sharpness/stability_ratio"]
+                forecasts = [v for k, v, _ in trainer.history.sparse if k == FORECAST_KEY]
                 tags = parent_client(parent).get_run(r.run_id).data.tags
                 later = later_warning(trainer)
                 rows.append({"config": " ".join(overrides), "seed": seed, "steps": r.steps,
@@ -76,7 +76,8 @@ def train_all(configs, seeds, dump):
                              "diverged_at": r.diverged_at_step, "explosion": r.explosion_step,
                              "warning": w.step if w else None, "reason": w.reason if w else "",
                              "layer": w.layer if w else "", "val_accuracy": r.val_accuracy,
-                             "max_ratio": max(ratios) if ratios else None, "run_id": r.run_id})
+                             "max_ratio": max(ratios) if ratios else None,
+                             "max_forecast": max(forecasts) if forecasts else None, "run_id": r.run_id})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 h = trainer.history
                 series[name] = {"loss": h.column("train/loss").tolist(), "norm": h.column("grad/norm").tolist(),
@@ -96,12 +97,9 @@ def later_warning(trainer):
     from gradlab.foresight import WarningWatch
     from gradlab.preflight import bounded_by
 
-    h = trainer.history
-    lam = {s: v for k, v, s in h.sparse if k == "sharpness/lambda_max"}
-    later = [(s, lam[s] / v, np.array([lam[s], v, np.nan])) for k, v, s in h.sparse
-             if k == "sharpness/stability_ratio" and s > 0]
+    later = [m for m in trainer.foresight.measured if m[0] > 0]
     watch = WarningWatch(trainer.cfg, trainer.engine.recorder.layers, bounded_by(trainer.engine.stack))
-    return watch.update(h, later)
+    return watch.update(trainer.history, later)
 
 
 def lead_table(seeds, dump) -> None:
@@ -124,12 +122,13 @@ def lead_table(seeds, dump) -> None:
 
 def healthy_table(seeds, dump) -> None:
     rows = train_all(HEALTHY_SUITE, seeds, dump)
-    print("| config | seed | steps | warning | diverged | explosion flag | max stability ratio | val accuracy |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | seed | steps | warning | diverged | explosion flag | max stability ratio | max forecast ratio | "
+          "val accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{r['max_ratio']:.3g}" if r["max_ratio"] is not None else "-"
+        ratio, ahead = (f"{r[k]:.3g}" if r[k] is not None else "-" for k in ("max_ratio", "max_forecast"))
         print(f"| `{r['config']}` | {r['seed']} | {r['steps']} | {r['warning'] if r['warning'] is not None else 'none'}"
-              f" | {r['diverged_at'] is not None} | {r['explosion']} | {ratio} | {r['val_accuracy']:.4f} |")
+              f" | {r['diverged_at'] is not None} | {r['explosion']} | {ratio} | {ahead} | {r['val_accuracy']:.4f} |")
     warned = [r for r in rows if r["warning"] is not None]
     print(f"\n{len(warned)} warning(s) in {len(rows)} healthy runs")
 

@@ -57,7 +57,7 @@ def main() -> None:
         every = built["foresight"].cfg.telemetry.sharpness_every
         steps = max(every, args.steps // every * every)
         t0 = time.perf_counter()
-        with_foresight(built["foresight"], x, y, 1)()  # the cold start: COLD_ITERS products
+        with_foresight(built["foresight"], x, y, 1)()  # the cold start: COLD_PRODUCTS Lanczos products
         cold_ms = (time.perf_counter() - t0) * 1000
         runs = {"telemetry": telemetry_only(built["telemetry"], x, y, steps),
                 "foresight": with_foresight(built["foresight"], x, y, steps)}

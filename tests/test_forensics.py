@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import artifact_paths, cli, client, one_line_error, store_uri, tiny_cfg
-from gradlab.forensics import BadStep, Snapshots, find_bad_step, per_sample_grad_norms, replay, replay_matches
+from gradlab.forensics import (AFTER, BadStep, Snapshots, explosion_onset, find_bad_step, per_sample_grad_norms,
+                               replay, replay_matches)
 from gradlab.telemetry import STEP_KEYS, History
 from gradlab.training import Trainer, train
 
@@ -44,6 +46,18 @@ def test_bad_step_priority():
     h.rows = [np.zeros((6, len(STEP_KEYS)))]
     assert find_bad_step(h, None, 2) == BadStep(2, "exploded", 2)
     assert find_bad_step(h, None, None) is None
+
+
+def test_the_first_exploding_step_is_where_the_flagged_run_up_began():
+    h = History(layers=["a"])
+    norms = [5.0, 4.0, 3.0, 1.0, 2.0, 40.0, 900.0, np.inf, np.nan]  # x100 over the window's minimum at step 6
+    rows = np.zeros((len(norms), len(STEP_KEYS)))
+    rows[:, STEP_KEYS.index("grad/norm")] = norms
+    h.steps, h.rows, h.layer_grad = list(range(len(norms))), [rows], [np.ones((len(norms), 1))]
+    assert explosion_onset(h, BadStep(7, "diverged", 8), 100.0, 10) == 3  # the smallest norm before the flag
+    assert explosion_onset(h, BadStep(7, "diverged", 8), 100.0, 2) == 4  # ... within the window
+    assert explosion_onset(h, BadStep(5, "requested", 5), 100.0, 10) == 5  # a requested step is re-run itself
+    assert explosion_onset(h, BadStep(4, "diverged", 5), 100.0, 10) == 4  # no flag up to the bad record
 
 
 # ---------------------------------------------------------------- replay
@@ -125,13 +139,40 @@ def read_csv(uri, run_id, name):
         return list(csv.DictReader(fh))
 
 
-def test_counterfactual_clip_keeps_the_step_finite(diverged):
+def test_counterfactual_runs_from_the_first_exploding_step(diverged):
+    """The norm exploded from step 0 (flag at 1, NaN at 2): each remedy is run from step 0, not from the
+    bad step 1 (where the run's first update had already done the damage), through AFTER steps past
+    the NaN; clip keeps all of it finite, the run's own selection (none) meets its NaN again."""
     r, _ = diverged
+    tags = client(r.tracking_uri).get_run(r.run_id).data.tags
+    assert tags["forensics/onset"] == "0" and tags["forensics/counterfactual_from"] == "0"
+    assert tags["forensics/counterfactual_to"] == str(2 + AFTER)
     rows = {row["remedy"]: row for row in read_csv(r.tracking_uri, r.run_id, "counterfactual.csv")}
     assert set(rows) >= {"none", "warmup", "clip_value", "agc", "clip", "autoclip", "zclip", "spike_skip"}
-    assert rows["none"]["stays_finite"] == "False" and rows["clip"]["stays_finite"] == "True"
+    assert all(row["from_step"] == "0" and row["to_step"] == str(2 + AFTER) for row in rows.values())
+    assert rows["none"]["stays_finite"] == "False" and rows["none"]["first_nonfinite"] == "2"
+    assert rows["clip"]["stays_finite"] == "True" and rows["clip"]["first_nonfinite"] == ""
     assert float(rows["clip"]["applied_norm"]) == pytest.approx(1.0, rel=1e-5)
-    assert float(rows["none"]["applied_norm"]) == float(rows["none"]["raw_norm"]) > 1e6
+    assert np.isfinite(float(rows["clip"]["last_norm"])) and np.isfinite(float(rows["clip"]["max_norm"]))
+    assert float(rows["none"]["applied_norm"]) == float(rows["none"]["raw_norm"]) > 1e3
+    assert "clip" in tags["forensics/finite_with"].split(",")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("GRADLAB_DATA_MIRROR"), reason="set GRADLAB_DATA_MIRROR to the MNIST IDX files")
+def test_counterfactual_of_the_deep_mlp_preset_finds_clip(tmp_path):
+    """experiment=explode_deep_mlp on MNIST: step 0's update leaves step 1 at a norm of ~4e18, where no
+    remedy rescues anything (the counterfactual of step 1 said "nothing"); from step 0, clip does."""
+    from gradlab.config import compose_config
+
+    cfg = compose_config(["experiment=explode_deep_mlp", "trainer.device=cpu", "trainer.threads=1",
+                          "trainer.progress=false", "telemetry.plots=false",
+                          f"data.root={os.environ.get('GRADLAB_DATA_ROOT', tmp_path / 'data')}",
+                          f"tracking.uri={store_uri(tmp_path / 'store')}", f"trainer.checkpoint={tmp_path / 'model.pt'}"])
+    r = train(cfg, tmp_path / "out")
+    tags = client(r.tracking_uri).get_run(r.run_id).data.tags
+    assert r.diverged_at_step == 2 and tags["forensics/step"] == "1" and tags["forensics/counterfactual_from"] == "0"
+    assert "clip" in tags["forensics/finite_with"].split(",")
 
 
 def test_attribution_ranks_the_batch(diverged):
@@ -150,7 +191,8 @@ def test_forensics_cli_after_the_fact(diverged):
                        cwd=tmp)
     assert rc == 0, err[-3000:]
     assert f"first non-finite tensor: {tags['nonfinite/first_tensor']}" in out
-    assert "finite one step later with:" in out and "clip" in out
+    assert f"re-running steps 0-{2 + AFTER} (the first exploding step 0), finite through step {2 + AFTER} with:" in out
+    assert "clip" in out
     # a requested step with no snapshot before it
     result = cli("forensics.py", f"snapshot={tmp / 'model.pt'}", "step=0", "device=cpu", cwd=tmp)
     one_line_error(result, 2, "step", "nothing to replay from")

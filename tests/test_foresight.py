@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import artifact_paths, cli, client, history, one_line_error, store_uri, tiny_cfg, tiny_overrides
-from gradlab.foresight import HEALTHY_SUITE, WarningWatch
+from gradlab.foresight import HEALTHY_SUITE, Forecast, WarningWatch
 from gradlab.preflight import OK, WILL_DIVERGE, growth, layer_scales, preflight, recurrent_growth
 from gradlab.telemetry import STEP_KEYS, History
 from gradlab.training import Trainer, train
@@ -175,6 +175,60 @@ def test_stability_warning_later_needs_two_measurements_in_a_row():
 def test_no_stability_warning_under_a_bound_or_with_adam():
     assert watch(["optimizer=sgd"], bound="clip").from_gauge(0, 2.0, UNSTABLE_ROW) is None
     assert watch(["optimizer=adam"]).from_gauge(0, 2.0, UNSTABLE_ROW) is None
+
+
+# ---------------------------------------------------------------- the forecast: the LR to come
+@pytest.mark.filterwarnings("ignore:Detected call of")  # no optimizer steps here
+@pytest.mark.parametrize("overrides,start", [
+    (["optimizer=sgd", "fault=[lr_spike]", "fault.lr_spike.at=30", "fault.lr_spike.length=5"], 10),
+    (["optimizer=sgd", "stabilizer=warmup", "stabilizer.warmup.steps=20", "scheduler=cosine"], 3),
+    (["optimizer=adamw", "scheduler=onecycle"], -10),  # 10 steps before the end: ahead stops at the last step
+])
+def test_schedule_ahead_is_the_schedule_to_come(tmp_path, overrides, start):
+    trainer = Trainer(tiny_cfg(tmp_path, *overrides, steps=60), tmp_path / "out")
+    schedule = trainer.engine.schedule
+    start %= schedule.total_steps
+    for _ in range(start):
+        schedule.step()
+    before = schedule.state_dict()
+    seen = schedule.ahead(40)
+    assert schedule.state_dict() == before  # the real schedulers were not stepped
+    real = [schedule.lr]
+    for _ in range(min(40, schedule.total_steps - 1 - start)):
+        schedule.step()
+        real.append(schedule.lr)
+    assert seen == real and len(seen) > 1
+
+
+FORECAST_ROW = np.array([2.2, 0.05, math.nan, 0.2, 0.8])  # lambda 2.2 under a limit of 44 now
+
+
+def test_stability_forecast_warns_before_the_lr_rises():
+    spike = Forecast(lr=0.05, peak=1.0, at=300, limit=2.0)  # the limit at the peak: under lambda
+    assert watch(["optimizer=sgd"]).from_gauge(0, 44.0, FORECAST_ROW) is None  # the present alone: stable
+    hit = watch(["optimizer=sgd"]).from_gauge(0, 44.0, FORECAST_ROW, spike)
+    assert hit.step == 0 and hit.reason.startswith("stability forecast: LR x20 at step 300 (lr 1) crosses the limit: "
+                                                   "ratio 1.1 >= 1 at initialization")
+    w = watch(["optimizer=sgd"])
+    assert w.from_gauge(100, 44.0, FORECAST_ROW, spike) is None  # later: two in a row, as for the present ratio
+    hit = w.from_gauge(200, 44.0, FORECAST_ROW, spike)
+    assert hit.step == 200 and "at two measurements in a row" in hit.reason and hit.layer == "b"
+    flat = Forecast(lr=0.05, peak=0.05, at=0, limit=44.0)  # no rise: the present rule, unchanged
+    assert watch(["optimizer=sgd"]).from_gauge(0, 44.0, FORECAST_ROW, flat) is None
+    assert watch(["optimizer=sgd"], bound="clip").from_gauge(0, 44.0, FORECAST_ROW, spike) is None
+    assert watch(["optimizer=adam"]).from_gauge(0, 44.0, FORECAST_ROW, spike) is None
+
+
+def test_a_scheduled_lr_spike_is_warned_before_it(tmp_path):
+    over = ["optimizer=sgd", "fault=[lr_spike]", "fault.lr_spike.at=8", "fault.lr_spike.factor=2000",
+            "telemetry.sharpness_every=3"]
+    r = train(tiny_cfg(tmp_path, *over, steps=14), tmp_path / "out")
+    assert r.warning_step == 6  # gauges at 0 (sees steps 0-6), 3 and 6 (both see step 8): the second
+    tags = client(r.tracking_uri).get_run(r.run_id).data.tags
+    assert tags["warning/reason"].startswith("stability forecast: LR x2e+03 at step 8")
+    forecast = history(r.tracking_uri, r.run_id, "sharpness/forecast_ratio")
+    ratio = dict(history(r.tracking_uri, r.run_id, "sharpness/stability_ratio"))
+    assert forecast[0][1] == pytest.approx(ratio[0]) and forecast[1][1] == pytest.approx(2000 * ratio[3], rel=1e-6)
 
 
 def loss_history(losses) -> History:

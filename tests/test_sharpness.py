@@ -2,6 +2,8 @@
 against the optimizers themselves on a quadratic."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,27 @@ def test_power_iteration_matches_the_explicit_hessian(seed):
     # the eigenvector: H v = lambda v
     hv = torch.cat([t.flatten() for t in hvp(v)])
     assert torch.allclose(hv, float(lam) * torch.cat([t.flatten() for t in v]), atol=1e-3 * abs(expected))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lanczos_finds_the_top_eigenpair_with_few_products(seed):
+    """The cold start: Lanczos with COLD_PRODUCTS products against the explicit Hessian's top eigenvalue
+    (the largest, not the largest in magnitude: the one that drives the update's runaway)."""
+    model, x, y = tiny_problem(seed)
+    expected = float(torch.linalg.eigvalsh(explicit_hessian(model, x, y))[-1])
+    grads, hvp = sharpness.loss_hvp(model, x, y)
+    lam, v = sharpness.lanczos(hvp, sharpness.random_vector(grads, torch.Generator().manual_seed(1)),
+                               sharpness.COLD_PRODUCTS)
+    assert float(lam) == pytest.approx(expected, rel=0.01)
+    assert float(torch.linalg.vector_norm(torch.cat([t.flatten() for t in v]))) == pytest.approx(1.0, rel=1e-5)
+    hv = torch.cat([t.flatten() for t in hvp(v)])
+    assert torch.allclose(hv, float(lam) * torch.cat([t.flatten() for t in v]), atol=2e-2 * abs(expected))
+
+
+def test_lanczos_on_products_that_blew_up_is_nan_not_an_error():
+    grads = [torch.ones(3), torch.ones(2)]
+    lam, v = sharpness.lanczos(lambda u: [t * math.inf for t in u], grads, 4)
+    assert math.isnan(float(lam)) and len(v) == 2
 
 
 def test_warm_start_needs_few_iterations():

@@ -12,13 +12,17 @@ explosion flag fired), ``investigate``:
   replayed steps' losses and norms are compared with the recorded ones (bit-exact on the CPU);
 * attributes the bad step's batch: per-sample gradient norms (``torch.func.vmap(grad)``), the
   top-k samples as an image grid with their labels and norms;
-* re-runs the bad step from the same state with each stabilizer in the library and one more
-  step after it: the applied norm, the next loss, and whether it stays finite.
+* re-runs the run from the first exploding step with each stabilizer in the library, through
+  ``AFTER`` steps past the first non-finite one: the applied norm at the start, the largest norm
+  on the way, the last loss and norm, and whether it stays finite.
 
 "The bad step" is the update that went wrong: for a divergence, the step before the first
 non-finite record (its update produced the non-finite state); for a skip or an explosion
-flag, the flagged step. ``python src/forensics.py run_id=<id>`` runs the same from the
-snapshot file a run saves when it has something to investigate.
+flag, the flagged step. The counterfactual does not start there but at the first exploding
+step (``explosion_onset``): the damage of an explosion is done by the updates of its run-up (the
+deep-MLP preset's first update already makes step 1's weights unrecoverable, so a remedy tried
+at step 1 rescues nothing that it rescues from step 0). ``python src/forensics.py run_id=<id>``
+runs the same from the snapshot file a run saves when it has something to investigate.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import csv
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,9 +45,10 @@ from .engine import StepEngine
 from .models import build_model
 from .registry import STABILIZERS, Schema, need
 from .sharpness import native_kernels
-from .telemetry import STEP_KEYS, History
+from .telemetry import STEP_KEYS, History, detect_explosion
 
 HISTORY_FED = 1000  # recorded steps fed to an adaptive stabilizer before its counterfactual step
+AFTER = 5  # counterfactual steps past the first non-finite one (README lead table: flag to NaN 1-19 steps, median 6.5)
 
 
 @dataclass
@@ -99,6 +104,23 @@ class BadStep:
 
     def to_dict(self) -> dict:
         return {"step": self.step, "kind": self.kind, "observed": self.observed}
+
+
+def explosion_onset(history: History, bad: BadStep, factor: float, window: int) -> int:
+    """The first exploding step of ``bad``: where the run-up the explosion flag measured began, the step
+    with the smallest gradient norm in the ``window`` steps before the flag (the flag says the norm grew
+    ``factor`` x from there; its update is the first of the run-up). ``bad.step`` when no flag came at
+    or before the bad record, or for a requested step."""
+    if bad.kind == "requested" or not history.steps:
+        return bad.step
+    flag = detect_explosion(history, history.layers, factor, window).step
+    if flag is None or flag > bad.observed:
+        return bad.step
+    norms = history.column("grad/norm")
+    i = history.steps.index(flag)
+    before = norms[max(0, i - window):i]
+    base = np.where(np.isfinite(before) & (before > 0), before, np.inf)
+    return min(history.steps[max(0, i - window) + int(np.argmin(base))], bad.step) if base.size else bad.step
 
 
 def find_bad_step(history: History, diverged_at: Optional[int], explosion_step: Optional[int]) -> Optional[BadStep]:
@@ -177,27 +199,30 @@ def build_engine(cfg, device: torch.device, n_train: int) -> tuple[StepEngine, E
 class Replay:
     start: int
     states: Dict[int, dict]  # engine state before the steps asked for
-    batches: Dict[int, tuple]  # (x, y, training-set indices) of those steps
+    batches: Dict[int, tuple]  # (x, y, training-set indices) of those steps and of ``batch_steps``
     history: History  # the replayed steps' telemetry
     probe: Probe
 
 
-def replay(cfg, snapshot: dict, data, history: History, until: int, keep: List[int], device) -> Replay:
+def replay(cfg, snapshot: dict, data, history: History, until: int, keep: List[int], device,
+           batch_steps: Sequence[int] = ()) -> Replay:
     """Steps ``snapshot['step']`` .. ``until`` again, probed; keeps the state before and the batch of
-    each step in ``keep``. Epoch ends replay the recorded validation loss into the schedule."""
+    each step in ``keep``, and the batch of each in ``batch_steps``. Epoch ends replay the recorded
+    validation loss into the schedule."""
     engine, order = build_engine(cfg, device, len(data))
     engine.load_state_dict(copy.deepcopy(snapshot["engine"]))  # the optimizer would alias the snapshot
     order.load_state_dict(copy.deepcopy(snapshot["order"]))
     val_loss = {s: v for k, v, s in history.epoch_points if k == "val/loss"}
     probe = Probe(engine.model)
-    states, batches = {}, {}
+    states, batches, batch_steps = {}, {}, set(batch_steps) | set(keep)
     try:
         while engine.step_count <= until:
             for x, y in order.batches(data):
                 step = engine.step_count
                 if step in keep:
-                    bs = cfg.trainer.batch_size
                     states[step] = copy.deepcopy(engine.state_dict())
+                if step in batch_steps:
+                    bs = cfg.trainer.batch_size
                     batches[step] = (x, y, order.perm[(order.batch - 1) * bs: order.batch * bs].tolist())
                 probe.step = step
                 engine.step(x, y)
@@ -338,31 +363,49 @@ def feed_history(engine: StepEngine, fresh: List[str], history: History, step: i
             s.apply(GradStep(loss=loss, grads=dummy, per_tensor=[norm], pre_norm=norm, norm=norm))
 
 
-def counterfactual(cfg, state: dict, bad: int, batches: Dict[int, tuple], history: History, device,
-                   n_train: int) -> List[dict]:
-    """The bad step re-run from ``state`` (the state before it) under each candidate, then the next step."""
+def counterfactual(cfg, state: dict, start: int, end: int, batches: Dict[int, tuple], history: History, device,
+                   n_train: int, val_loss: Optional[Dict[int, float]] = None) -> List[dict]:
+    """The run re-run from ``state`` (the state before ``start``) through step ``end`` under each candidate
+    stabilizer selection: at ``start`` the raw and applied norm; on the way the steps skipped, the largest
+    raw norm and the first non-finite step; at the end the loss and norm; whether it all stayed finite.
+    Epoch ends on the way feed the recorded validation loss (``val_loss``: step -> loss) to the schedule."""
     own = [e.name for e in STABILIZERS if cfg.stabilizer.get(e.name) is not None]
+    col = {k: STEP_KEYS.index(k) for k in STEP_KEYS}
     rows = []
     for label, selection in candidates(cfg):
         warmup_added = "warmup" in selection and "warmup" not in own
         c = candidate_config(cfg, [s for s in selection if not warmup_added or s != "warmup"])
         engine, _ = build_engine(c, device, n_train)
         engine.load_state_dict(copy.deepcopy(state))
-        feed_history(engine, [s for s in selection if s not in own], history, bad)
-        if warmup_added:  # warmup from the run's start: lr x (t+1)/N at step t
-            factor = min(1.0, (bad + 1) / OmegaConf.structured(STABILIZERS["warmup"].schema).steps)
-            for g in engine.optimizer.param_groups:
-                g["lr"] *= factor
-        engine.step(*batches[bad][:2])
+        feed_history(engine, [s for s in selection if s not in own], history, start)
+        steps = 0  # the steps each row ran: a run that goes non-finite is stopped there
+        for step in range(start, end + 1):
+            if warmup_added:  # warmup from the run's start: lr x (t+1)/N at step t (a factor, as the schedule's)
+                n = OmegaConf.structured(STABILIZERS["warmup"].schema).steps
+                factor = min(1.0, (step + 1) / n) / (min(1.0, step / n) if step > start else 1.0)
+                for g in engine.optimizer.param_groups:
+                    g["lr"] *= factor
+            engine.step(*batches[step][:2])
+            steps += 1
+            if val_loss and engine.step_count in val_loss:
+                engine.schedule.epoch_end(val_loss[engine.step_count])
+            if engine.recorder.full:
+                engine.recorder.flush()
+            if step < end and not all(bool(torch.isfinite(p).all()) for p in engine.model.parameters()):
+                break  # the rest would be NaN: the verdict is in
         weights_finite = all(bool(torch.isfinite(p).all()) for p in engine.model.parameters())
-        engine.step(*batches[bad + 1][:2])
         engine.recorder.flush()
-        r = np.concatenate(engine.recorder.history.rows)
-        col = {k: STEP_KEYS.index(k) for k in STEP_KEYS}
-        finite = weights_finite and bool(np.isfinite(r[1, col["train/loss"]]) and np.isfinite(r[1, col["grad/norm"]]))
-        rows.append({"remedy": label, "raw_norm": r[0, col["grad/norm"]], "applied_norm": r[0, col["grad/norm_after"]],
-                     "skipped": bool(r[0, col["grad/skipped"]] > 0.5), "loss": r[0, col["train/loss"]],
-                     "next_loss": r[1, col["train/loss"]], "next_norm": r[1, col["grad/norm"]], "stays_finite": finite})
+        r = np.concatenate(engine.recorder.history.rows)[-steps:]
+        losses, norms = r[:, col["train/loss"]], r[:, col["grad/norm"]]
+        bad = np.flatnonzero(~(np.isfinite(losses) & np.isfinite(norms)))
+        first_bad = start + int(bad[0]) if bad.size else (start + steps if not weights_finite else None)
+        rows.append({"remedy": label, "from_step": start, "to_step": end,
+                     "raw_norm": r[0, col["grad/norm"]], "applied_norm": r[0, col["grad/norm_after"]],
+                     "skipped_steps": int((r[:, col["grad/skipped"]] > 0.5).sum()),
+                     "max_norm": float(np.max(np.where(np.isnan(norms), np.inf, norms))),
+                     "first_nonfinite": "" if first_bad is None else first_bad,
+                     "last_loss": losses[-1], "last_norm": norms[-1],
+                     "stays_finite": first_bad is None})
     return rows
 
 
@@ -374,12 +417,20 @@ class Findings:
     first_tensor: Optional[tuple]  # (step, tensor name, kind), None when everything stayed finite
     replay_exact: bool
     counterfactual: List[dict]
+    onset: int  # the first exploding step (explosion_onset)
     artifacts: List[Path] = field(default_factory=list)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The steps the counterfactual ran: from the onset (or the snapshot after it) through AFTER past the bad record."""
+        row = self.counterfactual[0] if self.counterfactual else {"from_step": self.bad.step, "to_step": self.bad.step}
+        return row["from_step"], row["to_step"]
 
     def tags(self) -> Dict[str, str]:
         tags = {"forensics/kind": self.bad.kind, "forensics/step": str(self.bad.step),
                 "forensics/observed_step": str(self.bad.observed), "forensics/replayed_from": str(self.snapshot_step),
-                "forensics/replay_exact": str(self.replay_exact).lower(),
+                "forensics/replay_exact": str(self.replay_exact).lower(), "forensics/onset": str(self.onset),
+                "forensics/counterfactual_from": str(self.span[0]), "forensics/counterfactual_to": str(self.span[1]),
                 "forensics/finite_with": ",".join(r["remedy"] for r in self.counterfactual if r["stays_finite"])
                 or "nothing"}
         if self.first_tensor is not None:
@@ -391,9 +442,11 @@ class Findings:
         first = ("everything stayed finite" if self.first_tensor is None else
                  "first non-finite tensor: {1} ({2}) at step {0}".format(*self.first_tensor))
         finite = [r["remedy"] for r in self.counterfactual if r["stays_finite"]]
+        start, end = self.span
+        since = f"the first exploding step {self.onset}" + (f", snapshot {start}" if start != self.onset else "")
         return (f"{self.bad.kind} at step {self.bad.observed}; replayed from step {self.snapshot_step} "
-                f"({'bit-exact' if self.replay_exact else 'NOT bit-exact'}); {first}; re-running step "
-                f"{self.bad.step}, finite one step later with: {', '.join(finite) or 'nothing'}")
+                f"({'bit-exact' if self.replay_exact else 'NOT bit-exact'}); {first}; re-running steps "
+                f"{start}-{end} ({since}), finite through step {end} with: {', '.join(finite) or 'nothing'}")
 
 
 def write_csv(path: Path, rows: List[dict]) -> Path:
@@ -405,12 +458,15 @@ def write_csv(path: Path, rows: List[dict]) -> Path:
     return path
 
 
-def counterfactual_markdown(rows: List[dict], bad: BadStep) -> str:
-    head = (f"What each remedy would have done at step {bad.step} (re-run from the same state), and step "
-            f"{bad.step + 1} after it:\n\n| remedy | raw norm | applied norm | skipped | loss at {bad.step + 1} | "
-            f"grad norm at {bad.step + 1} | stays finite |\n|---|---|---|---|---|---|---|")
-    lines = [f"| {r['remedy']} | {r['raw_norm']:.4g} | {r['applied_norm']:.4g} | {'yes' if r['skipped'] else 'no'} | "
-             f"{r['next_loss']:.4g} | {r['next_norm']:.4g} | {'yes' if r['stays_finite'] else 'NO'} |" for r in rows]
+def counterfactual_markdown(rows: List[dict]) -> str:
+    start, end = (rows[0]["from_step"], rows[0]["to_step"]) if rows else (0, 0)
+    head = (f"What each remedy would have done from step {start} through step {end} (re-run from the same state "
+            f"with it on):\n\n| remedy | raw norm at {start} | applied norm at {start} | steps skipped | largest raw "
+            f"norm | first non-finite step | loss at {end} | grad norm at {end} | stays finite |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r['remedy']} | {r['raw_norm']:.4g} | {r['applied_norm']:.4g} | {r['skipped_steps']} | "
+             f"{r['max_norm']:.4g} | {r['first_nonfinite'] if r['first_nonfinite'] != '' else '-'} | "
+             f"{r['last_loss']:.4g} | {r['last_norm']:.4g} | {'yes' if r['stays_finite'] else 'NO'} |" for r in rows]
     return "\n".join([head, *lines]) + "\n"
 
 
@@ -420,15 +476,20 @@ def investigate(cfg, snapshot: dict, history: History, bad: BadStep, data, devic
     the artifacts go to ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    until = max(bad.observed, bad.step + 1)
-    rep = replay(cfg, snapshot, data, history, until, [bad.step, bad.step + 1], device)
+    onset = explosion_onset(history, bad, cfg.telemetry.explosion_factor, cfg.telemetry.explosion_window)
+    start = max(onset, snapshot["step"])  # a replay cannot start before its snapshot
+    last = EpochOrder(cfg.seed, len(data), cfg.trainer.batch_size).total_steps(cfg.trainer.epochs,
+                                                                              cfg.trainer.max_steps) - 1
+    end = min(max(bad.observed, bad.step + 1) + AFTER, last)
+    rep = replay(cfg, snapshot, data, history, end, [start, bad.step], device, range(start, end + 1))
     stats = [{"step": s, "tensor": n, "kind": k, "rms": rms, "max_abs": top, "finite": fin}
              for s, n, k, rms, top, fin in rep.probe.rows]
-    rows = counterfactual(cfg, rep.states[bad.step], bad.step, rep.batches, history, device, len(data))
+    val_loss = {s: v for k, v, s in history.epoch_points if k == "val/loss"}
+    rows = counterfactual(cfg, rep.states[start], start, end, rep.batches, history, device, len(data), val_loss)
     first = rep.probe.first or overflowed_norm(rep)
-    findings = Findings(bad, snapshot["step"], first, replay_matches(history, rep.history), rows)
+    findings = Findings(bad, snapshot["step"], first, replay_matches(history, rep.history), rows, onset)
     findings.artifacts += [write_csv(out_dir / "layer_stats.csv", stats), write_csv(out_dir / "counterfactual.csv", rows)]
-    (out_dir / "counterfactual.md").write_text(counterfactual_markdown(rows, bad))
+    (out_dir / "counterfactual.md").write_text(counterfactual_markdown(rows))
     findings.artifacts.append(out_dir / "counterfactual.md")
     findings.artifacts += attribute(cfg, rep.states[bad.step], rep.batches[bad.step], device, top_k, out_dir,
                                     f"{title} step {bad.step}: top {top_k} samples by gradient norm".strip())

@@ -3,7 +3,7 @@
 The gauge measures, every ``telemetry.sharpness_every`` steps and before that step's update,
 the top (preconditioned) Hessian eigenvalue on the step's batch (power iteration warm-started
 from the previous eigenvector: ``telemetry.sharpness_iters`` products; the first measurement
-starts cold with ``preflight.COLD_ITERS``) and, for recurrent models, the recurrent Jacobian's
+starts cold: Lanczos with ``sharpness.COLD_PRODUCTS``) and, for recurrent models, the recurrent Jacobian's
 growth over the sequence. It is device work only; its numbers reach the host with the next
 telemetry flush (the loop flushes right after a measurement, so a warning is known before the
 next update).
@@ -14,7 +14,11 @@ divergence (README, "Foresight", has the measurements behind each threshold):
 * ``stability``: the stability ratio lambda_max / limit >= ``telemetry.warn_ratio`` at initialization
   (step 0: nothing has had time to self-stabilize; at a ratio of 0.8 SGD already diverged), or at two
   measurements in a row later on (at the edge of stability a healthy SGD run can cross the limit once
-  and recover: one of 8 measured did, at 9.65);
+  and recover: one of 8 measured did, at 9.65). The limit is taken at the largest learning rate the
+  schedule will apply from the measured step to ``HORIZON`` gauge intervals ahead (the schedule,
+  warmup and every LR factor are known in advance: ``Schedule.ahead``), so a rise of the LR is seen
+  by the two measurements before it, not only by the two after it (``stability forecast``). Under a
+  constant or falling LR that is the measured step's own limit: the rule is the one above.
 * ``loss``: the training loss (median of the last ``LOSS_WINDOW`` steps) climbed to
   ``telemetry.warn_loss`` x the loss of the first steps: the updates go uphill.
 
@@ -40,11 +44,13 @@ import numpy as np
 import torch
 
 from . import sharpness
-from .preflight import COLD_ITERS, bounded_by, recurrent_growth
+from .preflight import bounded_by, recurrent_growth
 from .telemetry import History, layer_norms
 
 GAUGE_KEYS = ("sharpness/lambda_max", "sharpness/stability_ratio", "sharpness/recurrent_growth")
+FORECAST_KEY = "sharpness/forecast_ratio"  # lambda_max against the limit at the horizon's largest LR
 LOSS_WINDOW = 5  # steps whose median loss is compared with the first steps'
+HORIZON = 2  # gauge intervals the forecast looks ahead: both measurements of "two in a row" see a rise
 
 
 @dataclass
@@ -57,6 +63,27 @@ class Warning:
         return {"warning/step": str(self.step), "warning/reason": self.reason, "warning/layer": self.layer}
 
 
+@dataclass
+class Forecast:
+    """The largest learning rate the schedule applies from a measured step to the horizon, and the
+    stability limit there (host numbers: the schedule is host state)."""
+    lr: float  # the measured step's
+    peak: float  # the largest within the horizon
+    at: int  # the first step that applies it
+    limit: float  # the optimizer's stability limit at ``peak``
+
+    @property
+    def factor(self) -> float:
+        return self.peak / self.lr if self.lr > 0 else 1.0
+
+
+def forecast(cfg_opt, schedule, step: int, horizon: int) -> Forecast:
+    """The forecast at ``step`` over the next ``horizon`` steps of ``schedule`` (gradlab.optim.Schedule)."""
+    lrs = schedule.ahead(horizon)
+    i = max(range(len(lrs)), key=lambda j: (lrs[j], -j))
+    return Forecast(lrs[0], lrs[i], step + i, sharpness.stability_limit(cfg_opt, lrs[i]))
+
+
 class Gauge:
     """Sharpness (and recurrent growth) every ``every`` steps; results wait on the device until ``flush``."""
 
@@ -65,7 +92,7 @@ class Gauge:
         self.every, self.iters = cfg.telemetry.sharpness_every, cfg.telemetry.sharpness_iters
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.vector: Optional[List[torch.Tensor]] = None  # the last eigenvector: the next warm start
-        self.pending: List[tuple] = []  # (step, limit, device row: lambda, ratio, growth, layer shares...)
+        self.pending: List[tuple] = []  # (step, limit, device row: lambda, ratio, growth, layer shares..., Forecast)
         self.unavailable: Optional[str] = None  # why the gauge turned itself off (the run goes on without it)
 
     def due(self, step: int) -> bool:
@@ -83,22 +110,21 @@ class Gauge:
 
     def _measure(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         e = self.engine
-        m = sharpness.measure(e.model, e.optimizer, self.cfg.optimizer, x, y, e.schedule.lr,
-                              self.iters if self.vector is not None else COLD_ITERS, self.vector,
+        m = sharpness.measure(e.model, e.optimizer, self.cfg.optimizer, x, y, e.schedule.lr, self.iters, self.vector,
                               self.cfg.loss.label_smoothing, self.generator)
         self.vector = m.vector
         growth = recurrent_growth(e.model, x, generator=self.generator)
         nan = torch.full((), math.nan, device=x.device)
         shares = layer_norms(torch._foreach_norm(m.vector), e.recorder.index, len(e.recorder.layers)) ** 2
         row = torch.cat([torch.stack([m.lambda_max, m.ratio, nan if growth is None else growth]), shares])
-        self.pending.append((step, m.limit, row))
+        self.pending.append((step, m.limit, row, forecast(self.cfg.optimizer, e.schedule, step, HORIZON * self.every)))
 
     def flush(self) -> List[tuple]:
-        """One device->host copy of the pending measurements: [(step, limit, host row)]."""
+        """One device->host copy of the pending measurements: [(step, limit, host row, Forecast)]."""
         if not self.pending:
             return []
-        host = torch.stack([r for _, _, r in self.pending]).cpu().numpy().astype(np.float64)
-        out = [(s, lim, row) for (s, lim, _), row in zip(self.pending, host)]
+        host = torch.stack([r for _, _, r, _ in self.pending]).cpu().numpy().astype(np.float64)
+        out = [(s, lim, row, ahead) for (s, lim, _, ahead), row in zip(self.pending, host)]
         self.pending = []
         if not np.isfinite(out[-1][2][0]):
             self.vector = None  # a non-finite eigenvector cannot warm-start the next measurement
@@ -130,17 +156,26 @@ class WarningWatch:
         values = np.where(np.isnan(values), -np.inf, values)
         return self.layers[int(np.argmax(values))] if len(values) and (values > -np.inf).any() else "n/a"
 
-    def from_gauge(self, step: int, limit: float, row: np.ndarray) -> Optional[Warning]:
+    def from_gauge(self, step: int, limit: float, row: np.ndarray, ahead: Optional[Forecast] = None) -> Optional[Warning]:
         """At initialization one measurement at or above the limit; later, two in a row (at the edge of
-        stability a run crosses it and recovers: README, "Foresight"). Measurements come in order."""
+        stability a run crosses it and recovers: README, "Foresight"). With ``ahead``, the limit is the
+        one at the largest LR the schedule applies within the horizon. Measurements come in order."""
         lam, ratio, shares = row[0], row[1], row[3:]
-        above, sustained = not ratio < self.ratio, self.above  # NaN: the measurement itself blew up
+        rises = ahead is not None and ahead.factor > 1
+        r = lam / ahead.limit if rises else ratio
+        above, sustained = not r < self.ratio, self.above  # NaN: the measurement itself blew up
         self.above = above
         if not (self.runaway_possible and above and (step == 0 or sustained)):
             return None
         when = "at initialization" if step == 0 else "at two measurements in a row"
-        return Warning(step, f"stability ratio {ratio:.3g} >= {self.ratio:g} {when} (lambda_max {lam:.4g}, limit "
-                             f"{limit:.4g}): updates grow along the top curvature direction", self.largest(shares))
+        if rises and ratio < self.ratio:  # the LR to come crosses the limit, the present one does not
+            return Warning(step, f"stability forecast: LR x{ahead.factor:.3g} at step {ahead.at} (lr {ahead.peak:.3g}) "
+                                 f"crosses the limit: ratio {r:.3g} >= {self.ratio:g} {when} (lambda_max {lam:.4g}, "
+                                 f"limit {ahead.limit:.4g} there, {limit:.4g} now)", self.largest(shares))
+        return Warning(step, f"stability ratio {r:.3g} >= {self.ratio:g} {when} (lambda_max {lam:.4g}, limit "
+                             f"{ahead.limit if rises else limit:.4g}"
+                             + (f" at the LR of step {ahead.at}" if rises else "")
+                             + "): updates grow along the top curvature direction", self.largest(shares))
 
     def from_loss(self, history: History) -> Optional[Warning]:
         loss = history.column("train/loss")
@@ -188,6 +223,7 @@ class Foresight:
     def __init__(self, cfg, engine):
         self.gauge = Gauge(cfg, engine)
         self.watch = WarningWatch(cfg, engine.recorder.layers, bounded_by(engine.stack))
+        self.measured: List[tuple] = []  # every flushed measurement (step, limit, row, Forecast): one per gauge
 
     def before_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Measure when due; True when there is something for the next flush to read."""
@@ -199,8 +235,10 @@ class Foresight:
     def flush(self, history: History, last_step: Optional[int] = None) -> tuple[List[tuple], Optional[Warning]]:
         """The gauge's MLflow points (steps up to ``last_step``), and a warning if one fires now."""
         measurements = [m for m in self.gauge.flush() if last_step is None or m[0] <= last_step]
-        points = [(key, value, step) for step, _, row in measurements
+        self.measured += measurements
+        points = [(key, value, step) for step, _, row, _ in measurements
                   for key, value in zip(GAUGE_KEYS, row[:3]) if not np.isnan(value) or key != GAUGE_KEYS[2]]
+        points += [(FORECAST_KEY, row[0] / ahead.limit, step) for step, _, row, ahead in measurements]
         history.sparse += points
         warning = self.watch.update(history, measurements, last_step)
         if warning is not None:

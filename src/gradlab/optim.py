@@ -10,6 +10,7 @@ Stabilizers that read an optimizer's state do it through the functions here
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -286,12 +287,25 @@ def ratio(f: Callable[[int], float]) -> Callable[[int], float]:
     return lambda t: f(t) / f(t - 1)
 
 
+class _ShadowOptimizer:
+    """What a torch scheduler reads and writes of its optimizer (Schedule.ahead): the param groups, and a
+    ``step`` marked as the schedulers' wrapper marks it, so they take it for a stepped optimizer."""
+
+    def __init__(self, group: dict):
+        self.param_groups, self._opt_called = [group], True
+
+    def step(self) -> None:
+        pass
+
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+
 class Schedule:
     """The run's LR schedule: per-step schedulers plus an optional per-epoch plateau."""
 
     def __init__(self, optimizer, cfg_sched, warmup_steps: Optional[int], total_steps: int, steps_per_epoch: int,
                  factors: Sequence[Callable[[int], float]] = ()):
-        self.optimizer = optimizer
+        self.optimizer, self.total_steps = optimizer, total_steps
         self.per_step: List[lr_scheduler.LRScheduler] = []
         self.plateau: Optional[lr_scheduler.ReduceLROnPlateau] = None
         if warmup_steps:
@@ -314,6 +328,27 @@ class Schedule:
     def step(self) -> None:
         for s in self.per_step:
             s.step()
+
+    def ahead(self, steps: int) -> List[float]:
+        """The learning rates of this step and the next ``steps`` ones, up to the run's last step, as the
+        per-step schedule will set them (warmup, the scheduler, every LR factor: all known in advance):
+        shallow copies of the schedulers stepped on a copy of the first param group, so the real ones
+        are untouched. Host work, none when nothing is scheduled per step. A plateau's cut depends on
+        validation losses to come and only lowers the LR: not foreseen."""
+        if not self.per_step:
+            return [self.lr] * (steps + 1)
+        steps = max(0, min(steps, self.total_steps - 1 - self.per_step[0].last_epoch))  # last_epoch: this step
+        group = {k: copy.deepcopy(v) for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        shadow = _ShadowOptimizer(group)
+        schedulers = [copy.copy(s) for s in self.per_step]
+        for s in schedulers:
+            s.optimizer = shadow
+        lrs = [self.lr]
+        for _ in range(steps):
+            for s in schedulers:
+                s.step()
+            lrs.append(float(group["lr"]))
+        return lrs
 
     def epoch_end(self, val_loss: float) -> None:
         if self.plateau is not None:

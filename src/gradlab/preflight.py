@@ -34,7 +34,6 @@ from . import sharpness
 OK, AT_RISK, WILL_DIVERGE = "OK", "at risk", "will diverge"
 LEVELS = (OK, AT_RISK, WILL_DIVERGE)
 BATCHES = 3  # preflight batches: the run's first ones
-COLD_ITERS = 20  # power iterations from a random start (enough for 1%: tests/test_sharpness.py)
 GROWTH_AT_RISK = 10.0  # a scale that grows 10x across the layers / the sequence
 RATIO_AT_RISK = 0.5  # sharpness at half the limit: measured, SGD at r~0.8 still diverged (README)
 
@@ -256,7 +255,8 @@ def _report(trainer) -> Report:
     lams = []
     for x, y in batches:
         grads, hvp = sharpness.loss_hvp(engine.model, x, y, smooth)
-        lam, _ = sharpness.power_iteration(sharpness.scaled(hvp, scale), sharpness.random_vector(grads, gen), COLD_ITERS)
+        lam, _ = sharpness.lanczos(sharpness.scaled(hvp, scale), sharpness.random_vector(grads, gen),
+                                   sharpness.COLD_PRODUCTS)
         lams.append(float(lam))
     lam = max(lams, key=lambda v: v if math.isfinite(v) else math.inf)
     lr = engine.schedule.lr if engine.step_count else float(cfg.optimizer.lr)

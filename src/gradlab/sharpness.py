@@ -8,9 +8,10 @@ stability"). For Adam-type optimizers the relevant curvature is the precondition
 lambda_max(P^-1 H) with P = diag(sqrt(v_hat) + eps), against (2 + 2 beta1) / ((1 - beta1) lr)
 (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability").
 
-lambda_max comes from power iteration on Hessian-vector products (torch.func: a vjp of the
-gradient, i.e. double backward; no Hessian is ever formed). Every iteration is device work
-only, so the estimate is read back with the rest of the telemetry, never on its own.
+lambda_max comes from Hessian-vector products (torch.func: a vjp of the gradient, i.e. double
+backward; no Hessian is ever formed): Lanczos from a random start (``COLD_PRODUCTS``), power
+iteration from a previous eigenvector (a warm start needs few products). Every product is device
+work only, so the estimate is read back with the rest of the telemetry, never on its own.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, vjp
 
 Vector = List[torch.Tensor]
+COLD_PRODUCTS = 10  # Lanczos products from a random start: as close as 20 power iterations or closer (README)
 
 
 def native_kernels():
@@ -108,6 +110,51 @@ def power_iteration(hvp: Callable[[Vector], Vector], v0: Vector, iters: int) -> 
     return lam, v
 
 
+def _top_eigenpair(t: torch.Tensor, squarings: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """The algebraically largest eigenvalue of the small symmetric ``t`` and a unit eigenvector, by repeated
+    squaring of t + c I (c = ||t||_F >= its spectral radius, so the top eigenvalue dominates): device
+    ops only, where torch.linalg.eigh would read its error code back to the host."""
+    eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
+    a = t + torch.linalg.matrix_norm(t) * eye
+    for _ in range(squarings):
+        a = a @ a
+        a = a / a.abs().amax().clamp(min=1e-30)
+    y = torch.index_select(a, 1, torch.linalg.vector_norm(a, dim=0).argmax().view(1)).squeeze(1)
+    y = y / torch.linalg.vector_norm(y).clamp(min=1e-30)
+    return y @ t @ y, y
+
+
+def lanczos(hvp: Callable[[Vector], Vector], v0: Vector, steps: int) -> tuple[torch.Tensor, Vector]:
+    """The top eigenvalue and its eigenvector from ``steps`` products with the symmetric operator ``hvp``,
+    starting at ``v0``: the largest Ritz value of the Krylov space (Lanczos), which converges much faster
+    than power iteration from a random start (README, "Foresight": 10 products for the accuracy of 20
+    power iterations). The three-term recurrence without re-orthogonalization: over 10 float32 steps it
+    gave the fully re-orthogonalized values to 0.01% (mlp, cnn, rnn; two seeds each), at about half the
+    cost on the MLP (a projection on every earlier vector is a pass over all the parameters). Holds ``steps`` vectors. Device work
+    only; NaN if the products are."""
+    v = _normalized(v0)
+    basis, alphas, betas = [v], [], []
+    for j in range(steps):
+        w = hvp(basis[-1])
+        alphas.append(_dot(w, basis[-1]))
+        w = torch._foreach_sub(w, torch._foreach_mul(basis[-1], alphas[-1]))
+        if j:
+            w = torch._foreach_sub(w, torch._foreach_mul(basis[-2], betas[-1]))
+        if j < steps - 1:
+            betas.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(w))))
+            basis.append(torch._foreach_div(w, betas[-1].clamp(min=1e-30)))
+    t = torch.diag(torch.stack(alphas))
+    if betas:
+        off = torch.stack(betas)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    finite = torch.isfinite(t).all()
+    lam, y = _top_eigenpair(torch.where(torch.isfinite(t), t, torch.zeros_like(t)).double())
+    lam = torch.where(finite, lam.float(), torch.full_like(lam.float(), float("nan")))
+    y = y.to(v[0].dtype)
+    vec = [sum(y[i] * b[k] for i, b in enumerate(basis)) for k in range(len(v))]
+    return lam, _normalized(vec)
+
+
 # ---------------------------------------------------------------- Hessian-vector products
 @contextlib.contextmanager
 def batch_statistics_only(model: nn.Module):
@@ -170,12 +217,14 @@ class Sharpness:
 def measure(model: nn.Module, optimizer: torch.optim.Optimizer, cfg_opt, x: torch.Tensor, y: torch.Tensor,
             lr: float, iters: int, v0: Optional[Vector] = None, label_smoothing: float = 0.0,
             generator: Optional[torch.Generator] = None) -> Sharpness:
-    """lambda_max (of P^-1 H for Adam-type optimizers) on (x, y) against the stability limit at ``lr``;
-    ``v0`` warm-starts the power iteration. Leaves the model, its buffers and the RNG as they were."""
+    """lambda_max (of P^-1 H for Adam-type optimizers) on (x, y) against the stability limit at ``lr``:
+    ``iters`` power iterations warm-started at ``v0``, or without it COLD_PRODUCTS Lanczos products from a
+    random start. Leaves the model, its buffers and the RNG as they were."""
     params = [p for p in model.parameters() if p.requires_grad]
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=x.device.type):  # dropout masks: no trace
         grads, hvp = loss_hvp(model, x, y, label_smoothing)
         hvp = scaled(hvp, preconditioner(optimizer, params, cfg_opt, [g.detach() ** 2 for g in grads]))
-        lam, v = power_iteration(hvp, v0 if v0 is not None else random_vector(grads, generator), iters)
+        lam, v = (power_iteration(hvp, v0, iters) if v0 is not None
+                  else lanczos(hvp, random_vector(grads, generator), COLD_PRODUCTS))
     return Sharpness(lam.detach(), stability_limit(cfg_opt, lr), [t.detach() for t in v], [g.detach() for g in grads])
