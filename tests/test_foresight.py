@@ -211,10 +211,13 @@ def test_stability_forecast_warns_before_the_lr_rises():
                                                    "ratio 1.1 >= 1 at initialization")
     w = watch(["optimizer=sgd"])
     assert w.from_gauge(100, 44.0, FORECAST_ROW, spike) is None  # later: two in a row, as for the present ratio
+    assert w.forecast_only  # ... the second one soon after (Foresight asks the gauge to confirm)
     hit = w.from_gauge(200, 44.0, FORECAST_ROW, spike)
     assert hit.step == 200 and "at two measurements in a row" in hit.reason and hit.layer == "b"
     flat = Forecast(lr=0.05, peak=0.05, at=0, limit=44.0)  # no rise: the present rule, unchanged
     assert watch(["optimizer=sgd"]).from_gauge(0, 44.0, FORECAST_ROW, flat) is None
+    present = watch(["optimizer=sgd"])
+    assert present.from_gauge(100, 2.0, UNSTABLE_ROW, flat) is None and present.above and not present.forecast_only
     assert watch(["optimizer=sgd"], bound="clip").from_gauge(0, 44.0, FORECAST_ROW, spike) is None
     assert watch(["optimizer=adam"]).from_gauge(0, 44.0, FORECAST_ROW, spike) is None
 
@@ -223,7 +226,11 @@ def test_a_scheduled_lr_spike_is_warned_before_it(tmp_path):
     over = ["optimizer=sgd", "fault=[lr_spike]", "fault.lr_spike.at=8", "fault.lr_spike.factor=2000",
             "telemetry.sharpness_every=3"]
     r = train(tiny_cfg(tmp_path, *over, steps=14), tmp_path / "out")
-    assert r.warning_step == 6  # gauges at 0 (sees steps 0-6), 3 and 6 (both see step 8): the second
+    # gauges at 0 (sees steps 0-6) and 3 (sees step 8, where only the LR to come crosses the limit: measured
+    # again one step later, CONFIRM x 3 rounded up to 1), 4: the second in a row; then every 3 steps again
+    assert r.warning_step == 4
+    gauged = [s for s, _ in history(r.tracking_uri, r.run_id, "sharpness/lambda_max")]
+    assert gauged[:4] == [0, 3, 4, 6] and all(b - a == 3 for a, b in zip(gauged[3:], gauged[4:]))
     tags = client(r.tracking_uri).get_run(r.run_id).data.tags
     assert tags["warning/reason"].startswith("stability forecast: LR x2e+03 at step 8")
     forecast = history(r.tracking_uri, r.run_id, "sharpness/forecast_ratio")

@@ -17,8 +17,12 @@ divergence (README, "Foresight", has the measurements behind each threshold):
   and recover: one of 8 measured did, at 9.65). The limit is taken at the largest learning rate the
   schedule will apply from the measured step to ``HORIZON`` gauge intervals ahead (the schedule,
   warmup and every LR factor are known in advance: ``Schedule.ahead``), so a rise of the LR is seen
-  by the two measurements before it, not only by the two after it (``stability forecast``). Under a
-  constant or falling LR that is the measured step's own limit: the rule is the one above.
+  by the two measurements before it, not only by the two after it (``stability forecast``). When
+  only the LR to come crosses the limit, the second measurement is taken ``CONFIRM`` x the interval
+  later instead of a whole interval: the present LR is stable, so no edge-of-stability dynamics can
+  pull the sharpness back under it before the rise; what the second measurement rules out is one
+  unrepresentative batch. Under a constant or falling LR the limit is the measured step's own: the
+  rule is the one above.
 * ``loss``: the training loss (median of the last ``LOSS_WINDOW`` steps) climbed to
   ``telemetry.warn_loss`` x the loss of the first steps: the updates go uphill.
 
@@ -51,6 +55,7 @@ GAUGE_KEYS = ("sharpness/lambda_max", "sharpness/stability_ratio", "sharpness/re
 FORECAST_KEY = "sharpness/forecast_ratio"  # lambda_max against the limit at the horizon's largest LR
 LOSS_WINDOW = 5  # steps whose median loss is compared with the first steps'
 HORIZON = 2  # gauge intervals the forecast looks ahead: both measurements of "two in a row" see a rise
+CONFIRM = 0.1  # share of a gauge interval after which a forecast-only crossing is measured again
 
 
 @dataclass
@@ -94,9 +99,14 @@ class Gauge:
         self.vector: Optional[List[torch.Tensor]] = None  # the last eigenvector: the next warm start
         self.pending: List[tuple] = []  # (step, limit, device row: lambda, ratio, growth, layer shares..., Forecast)
         self.unavailable: Optional[str] = None  # why the gauge turned itself off (the run goes on without it)
+        self.confirm_at: Optional[int] = None  # an extra measurement's step (WarningWatch.forecast_only)
 
     def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+        return self.every > 0 and (step % self.every == 0 or step == self.confirm_at)
+
+    def confirm(self, step: int) -> None:
+        """Measure again soon after ``step`` (before the next regular measurement)."""
+        self.confirm_at = step + max(1, round(CONFIRM * self.every))
 
     def measure(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """One measurement at the weights before ``step``'s update, on its batch. Device work only.
@@ -132,10 +142,11 @@ class Gauge:
 
     def state_dict(self) -> dict:
         return {"vector": [v.detach().cpu() for v in self.vector] if self.vector is not None else None,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "confirm_at": self.confirm_at}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self.confirm_at = state.get("confirm_at")
         device = self.engine.device
         self.vector = [v.to(device) for v in state["vector"]] if state["vector"] is not None else None
 
@@ -150,6 +161,7 @@ class WarningWatch:
         self.layers = layers
         self.warning: Optional[Warning] = None
         self.above = False  # whether the previous measurement was at or above the limit
+        self.forecast_only = False  # ... because of the LR to come (the present one is under it)
 
     def largest(self, values: np.ndarray) -> str:
         """The layer with the largest value (+inf counts; NaN does not); n/a when none is a number."""
@@ -165,6 +177,7 @@ class WarningWatch:
         r = lam / ahead.limit if rises else ratio
         above, sustained = not r < self.ratio, self.above  # NaN: the measurement itself blew up
         self.above = above
+        self.forecast_only = above and rises and ratio < self.ratio and self.runaway_possible
         if not (self.runaway_possible and above and (step == 0 or sustained)):
             return None
         when = "at initialization" if step == 0 else "at two measurements in a row"
@@ -209,12 +222,13 @@ class WarningWatch:
     def state_dict(self) -> dict:
         w = self.warning
         return {"warning": None if w is None else {"step": w.step, "reason": w.reason, "layer": w.layer},
-                "above": self.above}
+                "above": self.above, "forecast_only": self.forecast_only}
 
     def load_state_dict(self, state: dict) -> None:
         w = state.get("warning")
         self.warning = Warning(int(w["step"]), w["reason"], w["layer"]) if w else None
         self.above = bool(state.get("above", False))
+        self.forecast_only = bool(state.get("forecast_only", False))
 
 
 class Foresight:
@@ -241,6 +255,8 @@ class Foresight:
         points += [(FORECAST_KEY, row[0] / ahead.limit, step) for step, _, row, ahead in measurements]
         history.sparse += points
         warning = self.watch.update(history, measurements, last_step)
+        if measurements and self.watch.warning is None and self.watch.forecast_only:
+            self.gauge.confirm(measurements[-1][0])
         if warning is not None:
             print(f"gradlab: warning at step {warning.step}: {warning.reason} (layer {warning.layer})", file=sys.stderr)
         return points, warning
