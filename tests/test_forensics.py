@@ -32,6 +32,11 @@ def test_snapshots_keep_the_first_and_the_latest(tmp_path):
         trainer.engine.step(*batches[step])
     assert snaps.first["step"] == 0 and [s["step"] for s in snaps.recent] == [10, 15]
     assert snaps.before(12)["step"] == 10 and snaps.before(9)["step"] == 0 and snaps.before(15)["step"] == 15
+    # the replay starts at or before the first exploding step when a snapshot there is kept ...
+    assert [snaps.start_for(onset, 16)["step"] for onset in (12, 8, 16)] == [10, 0, 15]
+    resumed = Snapshots(every=5, keep=2)  # ... else before the bad step (a resumed run's first snapshot)
+    resumed.first = {"step": 10}
+    assert resumed.start_for(5, 12)["step"] == 10
     # a deep copy: training on did not change the snapshot
     assert not torch.equal(snaps.first["engine"]["model"]["head.weight"], trainer.engine.model.head.weight)
 

@@ -94,6 +94,12 @@ class Snapshots:
         found = [s for s in [self.first, *self.recent] if s is not None and s["step"] <= step]
         return max(found, key=lambda s: s["step"]) if found else None
 
+    def start_for(self, onset: int, bad: int) -> Optional[dict]:
+        """Where the replay of a bad step starts: the latest snapshot at or before the first exploding
+        step when one is kept (the counterfactual then runs from the onset itself), else the latest
+        before the bad step."""
+        return self.before(onset) or self.before(bad)
+
 
 # ---------------------------------------------------------------- the bad step
 @dataclass

@@ -38,7 +38,7 @@ from .data import DeviceData, EpochOrder, load_splits
 from .engine import StepEngine
 from .evaluation import evaluate_split
 from .foresight import Foresight
-from .forensics import Snapshots, find_bad_step, investigate
+from .forensics import Snapshots, explosion_onset, find_bad_step, investigate
 from .faults import fault_label
 from .models import build_model
 from .record import MAX_CONSECUTIVE_SKIPS, now_ms
@@ -476,9 +476,11 @@ class Trainer:
         ``nonfinite/*`` and ``forensics/*``, artifacts under ``forensics/``, and the snapshot file that
         ``src/forensics.py`` starts from. A failure here is reported on the run, never loses it."""
         bad = find_bad_step(self.history, self.divergence.step, explosion.step)
-        snap = self.snapshots.before(bad.step) if bad is not None else None
         if bad is None:
             return
+        t = self.cfg.telemetry
+        snap = self.snapshots.start_for(explosion_onset(self.history, bad, t.explosion_factor, t.explosion_window),
+                                        bad.step)
         if snap is None:
             run.set_tags({"forensics/skipped": f"no snapshot at or before step {bad.step} (forensics.keep)"})
             return
