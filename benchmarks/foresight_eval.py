@@ -2,6 +2,7 @@
 
     python benchmarks/foresight_eval.py preflight [--seeds 0 1 2 3 4]   # preflight verdicts per config and seed
     python benchmarks/foresight_eval.py lead [--seeds 0 1 2 3 4]        # warning step vs first NaN, diverging presets
+    python benchmarks/foresight_eval.py lead --scenarios spike_bad_batch # ... or any experiment presets
     python benchmarks/foresight_eval.py healthy [--seeds 0]             # the false-alarm suite: no warning expected
     ... [--device cpu]                                                  # trainer.device of every run
 
@@ -102,8 +103,8 @@ def later_warning(trainer):
     return watch.update(trainer.history, later)
 
 
-def lead_table(seeds, dump) -> None:
-    rows = train_all([[f"experiment={p}"] for p in DIVERGING], seeds, dump)
+def lead_table(seeds, dump, scenarios=DIVERGING) -> None:
+    rows = train_all([[f"experiment={p}"] for p in scenarios], seeds, dump)
     print("| scenario | seed | warning step | first NaN step | lead (share of steps to divergence) | explosion flag | "
           "reason | without the step-0 gauge | first non-finite tensor | counterfactual: finite with |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -111,10 +112,12 @@ def lead_table(seeds, dump) -> None:
     for r in rows:
         d, w = r["diverged_at"], r["warning"]
         lead = (d - w) / d if d and w is not None and w <= d else (1.0 if d == 0 and w == 0 else 0.0)
-        leads.setdefault(r["config"], []).append(lead)
+        if d is not None:
+            leads.setdefault(r["config"], []).append(lead)
         lw = r["later_warning"]
-        later = f"{lw} ({(d - lw) / d:.0%})" if lw is not None and d else "none"
-        print(f"| {r['config']} | {r['seed']} | {w} | {d} | {lead:.0%} | {r['explosion']} | {r['reason']} | {later} | "
+        later = f"{lw} ({(d - lw) / d:.0%})" if lw is not None and d else str(lw) if lw is not None else "none"
+        share = f"{lead:.0%}" if d is not None else f"n/a (no NaN in {r['steps']} steps)"
+        print(f"| {r['config']} | {r['seed']} | {w} | {d} | {share} | {r['explosion']} | {r['reason']} | {later} | "
               f"{r['first_tensor']} ({r['nonfinite_kind']}) | {r['finite_with']} |")
     for config, values in leads.items():
         print(f"\n{config}: median lead {statistics.median(values):.0%} over {len(values)} seeds")
@@ -139,12 +142,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--dump", default=None)
     ap.add_argument("--device", default="auto", help="trainer.device for every run (auto: CUDA when present)")
+    ap.add_argument("--scenarios", nargs="+", default=DIVERGING, help="experiment presets of the lead table")
     args = ap.parse_args()
     PINNED.append(f"trainer.device={args.device}")
     if args.what == "preflight":
         preflight_table(args.seeds or [0, 1, 2, 3, 4])
     elif args.what == "lead":
-        lead_table(args.seeds or [0, 1, 2, 3, 4], args.dump)
+        lead_table(args.seeds or [0, 1, 2, 3, 4], args.dump, args.scenarios)
     else:
         healthy_table(args.seeds or [0], args.dump)
 
