@@ -258,6 +258,21 @@ def test_loss_warning_when_the_loss_climbs_above_its_start():
     assert hit.layer == "b" and "1.5 x its start" in hit.reason
 
 
+def test_attention_warning_when_a_logit_saturates_the_softmax():
+    w = watch(["optimizer=adam"], bound="clip", layers=("patch", "blocks.0.attn.qkv", "blocks.1.attn.qkv"))
+    h = loss_history([2.3] * 8)
+    h.probes = ["attn/logit_max/0", "attn/logit_max/1"]
+    h.probe_rows = [np.array([[1.5, 1.4], [12.0, 41.0], [30.0, 99.9], [50.0, 180.0], [900.0, 3e4], [1e3, 4e4],
+                              [1e3, 4e4], [1e3, 4e4]])]
+    hit = w.from_attention(h)
+    assert hit.step == 3 and hit.layer == "blocks.1.attn.qkv"
+    assert hit.reason.startswith("attention logit 180 >= 100 in block 1: the softmax saturates")
+    h.probe_rows = [np.array([[1.5, 1.4]] * 4 + [[np.nan, 2.0]] + [[3.0, 2.0]] * 3)]
+    assert w.from_attention(h).step == 4  # a NaN logit saturates it too
+    h.probe_rows = [np.array([[1.5, 1.4]] * 8)]
+    assert w.from_attention(h) is None and watch().from_attention(loss_history([2.3] * 8)) is None  # no probes
+
+
 def test_warning_tags_on_an_unstable_run(tmp_path):
     r = train(tiny_cfg(tmp_path, *UNSTABLE_SGD), tmp_path / "out")
     assert r.warning_step == 0
@@ -270,6 +285,17 @@ def test_warning_tags_on_an_unstable_run(tmp_path):
     quiet = train(tiny_cfg(tmp_path / "quiet"), tmp_path / "quiet" / "out")
     assert quiet.warning_step is None
     assert client(quiet.tracking_uri).get_run(quiet.run_id).data.tags["warned"] == "false"
+
+
+def test_attention_warning_from_a_transformer_run(tmp_path):
+    """The ViT's attention probes reach the warning through the recorder (threshold lowered to what a
+    fresh ViT's logits already reach, ~1-2); the default threshold stays silent on the same run."""
+    low = train(tiny_cfg(tmp_path / "low", "model=vit", "telemetry.warn_attn_logit=0.5", steps=6), tmp_path / "low" / "o")
+    tags = client(low.tracking_uri).get_run(low.run_id).data.tags
+    assert low.warning_step == 0 and tags["warning/reason"].startswith("attention logit ")
+    assert tags["warning/layer"].startswith("blocks.")
+    default = train(tiny_cfg(tmp_path / "default", "model=vit", steps=6), tmp_path / "default" / "o")
+    assert default.warning_step is None
 
 
 # ---------------------------------------------------------------- real MNIST (slow)

@@ -25,6 +25,10 @@ divergence (README, "Foresight", has the measurements behind each threshold):
   rule is the one above.
 * ``loss``: the training loss (median of the last ``LOSS_WINDOW`` steps) climbed to
   ``telemetry.warn_loss`` x the loss of the first steps: the updates go uphill.
+* ``attention``: an attention logit (the model's ``attn/logit_max/<block>`` probes, recorded every
+  step) reached ``telemetry.warn_attn_logit``: at a logit gap of 100 the softmax gives the other keys
+  e^-100 of the weight, so attention is one-hot and its gradient vanishes (attention entropy collapse,
+  Dehghani et al. 2023; Wortsman et al. 2023). A transformer can fail this way with no NaN at all.
 
 The recurrent growth is recorded (``sharpness/recurrent_growth``) and judged by the preflight, but
 not warned on during training: healthy tanh RNNs reach 15-20x mid-training (README, "Foresight").
@@ -156,7 +160,7 @@ class WarningWatch:
 
     def __init__(self, cfg, layers: List[str], bound: Optional[str]):
         t = cfg.telemetry
-        self.ratio, self.loss = t.warn_ratio, t.warn_loss
+        self.ratio, self.loss, self.attn = t.warn_ratio, t.warn_loss, t.warn_attn_logit
         self.runaway_possible = bound is None and not sharpness.preconditioned(cfg.optimizer)
         self.layers = layers
         self.warning: Optional[Warning] = None
@@ -207,14 +211,29 @@ class WarningWatch:
         return Warning(history.steps[i], f"training loss {med[hits[0]]:.3g} >= {self.loss:g} x its start "
                                          f"{start:.3g}: the updates go uphill", layer)
 
+    def from_attention(self, history: History) -> Optional[Warning]:
+        cols = [i for i, p in enumerate(history.probes) if p.startswith("attn/logit_max/")]
+        if not cols or not history.steps:
+            return None
+        logits = history.probe_grid()[:, cols]
+        with np.errstate(invalid="ignore"):
+            hits = np.flatnonzero(~(np.nanmax(np.where(np.isnan(logits), np.inf, logits), axis=1) < self.attn))[:1]
+        if not hits.size:
+            return None
+        i = int(hits[0])
+        row = np.where(np.isnan(logits[i]), np.inf, logits[i])
+        block = history.probes[cols[int(np.argmax(row))]].rsplit("/", 1)[-1]
+        layer = next((name for name in self.layers if name.startswith(f"blocks.{block}.attn")), f"attention block {block}")
+        return Warning(history.steps[i], f"attention logit {row.max():.3g} >= {self.attn:g} in block {block}: the "
+                                         "softmax saturates (attention entropy collapse)", layer)
+
     def update(self, history: History, measurements: List[tuple], last_step: Optional[int] = None) -> Optional[Warning]:
         """Look at the new measurements and the history (up to ``last_step`` when the run diverged);
         returns the warning when it fires now, else None."""
         if self.warning is not None:
             return None
         found = [w for w in (self.from_gauge(*m) for m in measurements if last_step is None or m[0] <= last_step) if w]
-        loss_warning = self.from_loss(history)
-        candidates = found + ([loss_warning] if loss_warning else [])
+        candidates = found + [w for w in (self.from_loss(history), self.from_attention(history)) if w]
         if candidates:
             self.warning = min(candidates, key=lambda w: w.step)
         return self.warning
@@ -284,10 +303,12 @@ HEALTHY_SUITE = [
     ["model=rnn", ONE_EPOCH],
     ["model=rnn", "optimizer=sgd", ONE_EPOCH],
     ["model=deep_mlp", "model.residual=true", "model.norm=layernorm", ONE_EPOCH],
+    ["model=vit", ONE_EPOCH],
     ["experiment=explode_rnn", "stabilizer=clip"],
     ["experiment=explode_rnn", "stabilizer=agc"],
     ["experiment=explode_deep_mlp", "stabilizer=clip"],
     ["experiment=explode_deep_mlp", "stabilizer=[warmup,clip]"],
     ["experiment=explode_high_lr", "stabilizer=clip"],
     ["experiment=explode_high_lr", "stabilizer=agc"],
+    ["experiment=explode_transformer", "model.qk_norm=true"],
 ]

@@ -28,7 +28,8 @@ BUDGET_KEYS = ("trainer.max_steps", "trainer.epochs")  # the command may extend 
 HOW_KEYS = ("trainer.device", "trainer.threads", "optimizer.fused")  # the command may move it (kept unless set: they change the arithmetic)
 RUN_KEYS = ("trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress",
             "trainer.preflight", "trainer.strategy", "telemetry.plots", "telemetry.sharpness_every",
-            "telemetry.sharpness_iters", "telemetry.warn_ratio", "telemetry.warn_loss", "forensics.",
+            "telemetry.sharpness_iters", "telemetry.warn_ratio", "telemetry.warn_loss",
+            "telemetry.warn_attn_logit", "forensics.",
             "tracking.")  # what it observes and writes besides the training, where, and how it was launched:
 # always the command's (a key ending in "." is a prefix); a checkpoint resumes under any strategy and
 # world size (torchrun turns the gauge off: a single-process continuation turns it back on)

@@ -59,13 +59,14 @@ class TelemetryConfig(Schema):
     sharpness_iters: int = 3  # power iterations per gauge after the first (warm-started)
     warn_ratio: float = 1.0  # warn at this stability ratio (SGD-type optimizers)
     warn_loss: float = 1.5  # ... when the training loss climbs to this multiple of its start
+    warn_attn_logit: float = 100.0  # ... when an attention logit reaches this (models with attention probes)
 
     def check(self) -> None:
         for key in ("log_every", "layer_every", "explosion_window", "sharpness_iters"):
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         need(self.explosion_factor > 1, "explosion_factor", f"must be > 1, got {self.explosion_factor}")
         need(self.sharpness_every >= 0, "sharpness_every", f"must be >= 0 (0: off), got {self.sharpness_every}")
-        for key in ("warn_ratio", "warn_loss"):
+        for key in ("warn_ratio", "warn_loss", "warn_attn_logit"):
             need(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
 
 

@@ -274,7 +274,8 @@ DERIVED_PARAMS = ("stabilizer", "fault")  # logged beside the config for MLflow'
 RUN_SPECIFIC_KEYS = ("seed", "trainer.checkpoint", "trainer.checkpoint_every", "trainer.resume", "trainer.progress",
                      "trainer.log_checkpoint", "trainer.log_model", "trainer.strategy",
                      "trainer.preflight", "telemetry.sharpness_every", "telemetry.sharpness_iters",
-                     "telemetry.warn_ratio", "telemetry.warn_loss")  # besides tracking.* and forensics.*:
+                     "telemetry.warn_ratio", "telemetry.warn_loss",
+                     "telemetry.warn_attn_logit")  # besides tracking.* and forensics.*:
 # what a run observes and writes, not how it trains
 
 
