@@ -215,16 +215,14 @@ class WarningWatch:
         cols = [i for i, p in enumerate(history.probes) if p.startswith("attn/logit_max/")]
         if not cols or not history.steps:
             return None
-        logits = history.probe_grid()[:, cols]
-        with np.errstate(invalid="ignore"):
-            hits = np.flatnonzero(~(np.nanmax(np.where(np.isnan(logits), np.inf, logits), axis=1) < self.attn))[:1]
+        logits = np.nan_to_num(history.probe_grid()[:, cols], nan=np.inf, posinf=np.inf)  # NaN: blown up too
+        hits = np.flatnonzero(logits.max(axis=1) >= self.attn)[:1]
         if not hits.size:
             return None
-        i = int(hits[0])
-        row = np.where(np.isnan(logits[i]), np.inf, logits[i])
+        row = logits[int(hits[0])]
         block = history.probes[cols[int(np.argmax(row))]].rsplit("/", 1)[-1]
         layer = next((name for name in self.layers if name.startswith(f"blocks.{block}.attn")), f"attention block {block}")
-        return Warning(history.steps[i], f"attention logit {row.max():.3g} >= {self.attn:g} in block {block}: the "
+        return Warning(history.steps[int(hits[0])], f"attention logit {row.max():.3g} >= {self.attn:g} in block {block}: the "
                                          "softmax saturates (attention entropy collapse)", layer)
 
     def update(self, history: History, measurements: List[tuple], last_step: Optional[int] = None) -> Optional[Warning]:
