@@ -2,6 +2,8 @@
 on the training itself) and the early warning; the false-alarm suite on real MNIST (slow)."""
 from __future__ import annotations
 
+import io
+
 import math
 import os
 
@@ -212,6 +214,12 @@ def test_stability_forecast_warns_before_the_lr_rises():
     w = watch(["optimizer=sgd"])
     assert w.from_gauge(100, 44.0, FORECAST_ROW, spike) is None  # later: two in a row, as for the present ratio
     assert w.forecast_only  # ... the second one soon after (Foresight asks the gauge to confirm)
+    both = watch(["optimizer=sgd"])  # the present LR over the limit too: not forecast-only
+    assert both.from_gauge(100, 2.0, UNSTABLE_ROW, spike) is None and not both.forecast_only
+    for state in (w.state_dict(), both.state_dict()):  # checkpoints are read weights-only: plain Python values
+        saved = io.BytesIO()
+        torch.save(state, saved)
+        assert torch.load(io.BytesIO(saved.getvalue()), weights_only=True)["forecast_only"] is state["forecast_only"]
     hit = w.from_gauge(200, 44.0, FORECAST_ROW, spike)
     assert hit.step == 200 and "at two measurements in a row" in hit.reason and hit.layer == "b"
     flat = Forecast(lr=0.05, peak=0.05, at=0, limit=44.0)  # no rise: the present rule, unchanged

@@ -110,7 +110,7 @@ class Gauge:
 
     def confirm(self, step: int) -> None:
         """Measure again soon after ``step`` (before the next regular measurement)."""
-        self.confirm_at = step + max(1, round(CONFIRM * self.every))
+        self.confirm_at = int(step) + max(1, round(CONFIRM * self.every))
 
     def measure(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """One measurement at the weights before ``step``'s update, on its batch. Device work only.
@@ -181,7 +181,8 @@ class WarningWatch:
         r = lam / ahead.limit if rises else ratio
         above, sustained = not r < self.ratio, self.above  # NaN: the measurement itself blew up
         self.above = above
-        self.forecast_only = above and rises and ratio < self.ratio and self.runaway_possible
+        self.forecast_only = bool(above and rises and ratio < self.ratio and self.runaway_possible)  # a numpy bool
+        # would make the checkpoint unreadable to the weights-only loader
         if not (self.runaway_possible and above and (step == 0 or sustained)):
             return None
         when = "at initialization" if step == 0 else "at two measurements in a row"
