@@ -17,6 +17,19 @@ from matplotlib.ticker import LogFormatter, LogLocator  # noqa: E402
 DPI = 80  # every run logs its plots to the store: 800 px wide is still readable in the MLflow UI
 
 
+def fixed_margins(fig, left: float = 0.8, right: float = 0.2, bottom: float = 0.55, top: float = 0.4) -> None:
+    """Margins in inches, set before drawing: ``tight_layout`` measures every text of the figure to
+    find them, about 40% of a plot's time (issue 13: a run's fixed cost)."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
+
+
+def label_inches(texts: Sequence[str], points: float) -> float:
+    """Roughly how wide the longest of ``texts`` is in inches at font size ``points`` (DejaVu Sans
+    averages about 0.6 em per character)."""
+    return max((len(t) for t in texts), default=0) * 0.6 * points / 72
+
+
 def plain_log(minor: bool = False) -> LogFormatter:
     """Log-axis tick labels as plain text (1e+03): matplotlib's default typesets each one with
     mathtext, which was half of a short run's plotting time."""
@@ -27,6 +40,7 @@ def layer_heatmap(steps: Sequence[int], layers: List[str], grid: np.ndarray, pat
                   explosion_step: Optional[int] = None, title: str = "") -> Path:
     """Per-layer gradient norms (rows: layers, columns: sampled steps), log colour scale."""
     fig, ax = plt.subplots(figsize=(10, max(3, 0.25 * len(layers) + 1.5)))
+    fixed_margins(fig, left=0.25 + label_inches(layers, 7), right=0.3)
     data = np.asarray(grid, dtype=float).T if len(steps) else np.zeros((len(layers), 1))
     finite = data[np.isfinite(data) & (data > 0)]
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (1e-8, 1.0)
@@ -53,7 +67,6 @@ def layer_heatmap(steps: Sequence[int], layers: List[str], grid: np.ndarray, pat
         ax.axvline(col + 0.5, color="red", ls="--", lw=1, label=f"explosion flagged @ {explosion_step}")
         ax.legend(loc="upper right", fontsize=7)
     ax.set_title(title or "per-layer gradient norm")
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
@@ -93,6 +106,7 @@ def norm_history(steps, pre, post, coef, skipped, threshold, path: Path, max_nor
     """Global gradient norm before and after the stabilizers, with clip and skip events and the
     injected faults."""
     fig, ax = plt.subplots(figsize=(10, 4.5))
+    fixed_margins(fig)
     steps = np.asarray(steps)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(plain_log())
@@ -123,7 +137,6 @@ def norm_history(steps, pre, post, coef, skipped, threshold, path: Path, max_nor
     ax.set_ylabel("global gradient L2 norm")
     ax.set_title(title or "gradient norm before / after stabilizers")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
@@ -131,6 +144,7 @@ def norm_history(steps, pre, post, coef, skipped, threshold, path: Path, max_nor
 
 def confusion_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 5))
+    fixed_margins(fig, left=0.6, right=0.6)
     im = ax.imshow(matrix, cmap="Blues")
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
@@ -143,7 +157,6 @@ def confusion_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Path:
     ax.set_yticks(range(10))
     ax.set_title(title or "test confusion matrix")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
