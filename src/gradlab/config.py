@@ -168,14 +168,20 @@ class ForensicsRunConfig(Schema):
         check_device(self.device, "device")
 
 
+_REGISTERED: set = set()  # (group, name, schema) already in Hydra's ConfigStore
+
+
 def register_configs() -> None:
+    """The schemas into Hydra's ConfigStore: the registries' entries that are new since the last
+    call (a matrix worker composes hundreds of configs; storing all of them each time was a sixth
+    of a composition)."""
     cs = ConfigStore.instance()
-    cs.store(group="schema", name="config", node=Config)
-    cs.store(group="schema", name="evaluate", node=EvalConfig)
-    cs.store(group="schema", name="forensics", node=ForensicsRunConfig)
-    for group, registry in GROUPS.items():
-        for entry in registry:
-            cs.store(group=f"schema/{group}", name=entry.name, node=entry.schema)
+    entries = [("schema", "config", Config), ("schema", "evaluate", EvalConfig), ("schema", "forensics", ForensicsRunConfig)]
+    entries += [(f"schema/{group}", entry.name, entry.schema) for group, registry in GROUPS.items() for entry in registry]
+    for group, name, node in entries:
+        if (group, name, node) not in _REGISTERED:
+            cs.store(group=group, name=name, node=node)
+            _REGISTERED.add((group, name, node))
 
 
 # ---------------------------------------------------------------- devices
