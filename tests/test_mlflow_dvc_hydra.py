@@ -81,7 +81,7 @@ def test_log_model_is_an_mlflow_model_with_a_signature(tmp_path):
 def test_system_metrics_on_request(tmp_path, monkeypatch):
     from gradlab import training
 
-    monkeypatch.setattr(training, "SYSTEM_METRICS_EVERY_S", 0.2)
+    monkeypatch.setattr(training, "SYSTEM_METRICS_EVERY_S", 0.05)  # the tiny run lasts about 0.3 s
     cfg = compose(tiny_overrides(tmp_path, "tracking.system_metrics=true", "telemetry.plots=true", steps=200))
     r = train(cfg, tmp_path / "out")
     metrics = client(r.tracking_uri).get_run(r.run_id).data.metrics

@@ -156,6 +156,25 @@ def test_evaluate_logs_into_the_training_run(tiny_run):
     assert data["steps"] == 23 and data["diverged"] is False
 
 
+@pytest.mark.parametrize("lr", ["0.05", "1e10"], ids=["finished", "diverged"])
+def test_a_run_logs_its_test_result_as_evaluate_would(tmp_path, lr):
+    """Trainer(test=True) (a matrix cell) records the test set from the weights in memory before its
+    run closes: the same accuracy and loss as evaluate() from the checkpoint, one point each at the
+    run's last step, the confusion plot, and the run still FINISHED."""
+    cfg = tiny_cfg(tmp_path, "optimizer=sgd", f"optimizer.lr={lr}", steps=12)
+    r = train(cfg, tmp_path / "out", test=True)
+    uri = r.tracking_uri
+    logged = client(uri).get_run(r.run_id)
+    assert logged.info.status == "FINISHED"
+    assert [s for s, _ in history(uri, r.run_id, "test/accuracy")] == [r.steps]
+    assert "plots/confusion_matrix.png" in artifact_paths(uri, r.run_id)
+    assert r.test_accuracy == logged.data.metrics["test/accuracy"]
+    ev = evaluate(r.checkpoint, device="cpu", out_dir=tmp_path / "ev")
+    assert ev["test/accuracy"] == r.test_accuracy
+    assert ev["test/loss"] == pytest.approx(logged.data.metrics["test/loss"], nan_ok=True)
+    assert r.diverged == (lr == "1e10")
+
+
 # ---------------------------------------------------------------- clipping in a real run
 def test_clip_bounds_every_applied_norm(tmp_path):
     # sgd at lr 0.5 drives the global norm well above max_norm=1 on this data

@@ -107,7 +107,7 @@ class Ensemble:
     """Trains ``cfgs`` (one cell's runs, differing in the seed) as one ensemble; ``fit`` returns
     each member's TrainResult, in the order of ``cfgs``."""
 
-    def __init__(self, cfgs: Sequence[Any], output_dirs: Sequence[Path]):
+    def __init__(self, cfgs: Sequence[Any], output_dirs: Sequence[Path], test: bool = False):
         keys = {shapes_key(c) for c in cfgs}
         if len(keys) > 1:
             raise ValueError("ensemble members must differ only in their seed (model, data, batch, loss differ)")
@@ -115,7 +115,7 @@ class Ensemble:
             reason = unsupported(cfg)
             if reason:
                 raise ValueError(f"cannot train as an ensemble: {reason}")
-        self.members = [Trainer(cfg, Path(out)) for cfg, out in zip(cfgs, output_dirs)]
+        self.members = [Trainer(cfg, Path(out), test=test) for cfg, out in zip(cfgs, output_dirs)]
         for m in self.members:
             _own_model_state(m)
         self.loss_cfg = cfgs[0].loss
@@ -262,11 +262,10 @@ def _finite(x: Optional[float]) -> Optional[float]:
 
 def run_cell(combos: Sequence[Any], spec_overrides: Sequence[str], experiment: str, parent_run_id: str, uri: str,
              workdir: str, threads: Optional[int] = None) -> List[Dict]:
-    """The seeds of one matrix cell (``gradlab.matrix.Combination``s) as one ensemble, then each
-    member's test evaluation; the same records as ``gradlab.matrix.run_one`` gives, one per seed.
+    """The seeds of one matrix cell (``gradlab.matrix.Combination``s) as one ensemble, each member
+    logging its test-set result before its run closes; the same records as ``gradlab.matrix.run_one`` gives, one per seed.
     A cell that cannot be stacked (``unsupported``) runs its seeds one at a time, as without
     ``matrix.ensemble``; its records say why (``ensemble``). Never raises for a failed run."""
-    from .evaluation import evaluate
     from .matrix import run_one
     from .runs import child_config
 
@@ -290,23 +289,18 @@ def run_cell(combos: Sequence[Any], spec_overrides: Sequence[str], experiment: s
             rec["ensemble"] = f"individual runs ({reason})"
         return out
     try:
-        ensemble = Ensemble(cfgs, out_dirs)
+        ensemble = Ensemble(cfgs, out_dirs, test=True)
         results = ensemble.fit()
     except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the other cells
         for rec in records:
             rec.update(status="FAILED", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
                        wall_seconds=round((time.perf_counter() - t0) / len(records), 3))
         return records
-    for rec, cfg, result, out in zip(records, cfgs, results, out_dirs):
+    for rec, result in zip(records, results):
         rec.update(run_id=result.run_id, steps=result.steps, diverged=result.diverged,
                    diverged_at_step=result.diverged_at_step, explosion_step=result.explosion_step,
-                   val_accuracy=_finite(result.val_accuracy), ensemble=len(records))
-        try:
-            ev = evaluate(result.checkpoint, None, device=cfg.trainer.device, tracking_uri=uri, out_dir=out)
-            rec["test_accuracy"] = _finite(ev["test/accuracy"])
-            rec["status"] = "FINISHED"
-        except Exception as exc:  # noqa: BLE001
-            rec.update(status="FAILED", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+                   val_accuracy=_finite(result.val_accuracy), test_accuracy=_finite(result.test_accuracy),
+                   ensemble=len(records), status="FINISHED")
     wall = time.perf_counter() - t0
     for rec in records:
         rec["wall_seconds"] = round(wall / len(records), 3)  # each member's share of the cell

@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,6 +38,24 @@ def evaluate_split(model, data: DeviceData, batch_size: int = 1000, autocast=con
     return float(loss_sum / len(data)), float(acc), pred
 
 
+def test_result(model, test: DeviceData, out_dir: Path, batch_size: int = 1000) -> Tuple[dict, Path]:
+    """A model's test-set loss and accuracy (fp32, whatever the training precision) and its
+    confusion plot: what ``evaluate`` records from a checkpoint, and what a matrix run records
+    from its model in memory before its run is closed (``Trainer(test=True)``)."""
+    loss, acc, pred = evaluate_split(model, test, batch_size)
+    matrix = torch.bincount(test.y.cpu() * 10 + pred.cpu(), minlength=100).view(10, 10).numpy()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image = plots.confusion_matrix(matrix, out_dir / "confusion_matrix.png", f"test confusion matrix (accuracy {acc:.4f})")
+    return {"test/accuracy": acc, "test/loss": loss}, image
+
+
+def log_test(run: RunLogger, metrics: dict, image: Path, step: int) -> None:
+    loss = metrics["test/loss"]
+    run.log_metrics({"test/accuracy": metrics["test/accuracy"], "test/loss": loss if np.isfinite(loss) else float("nan")},
+                    step=step, timestamp_ms=int(time.time() * 1000))
+    run.log_artifact(image, "plots")
+
+
 def store_of(state: dict, uri: Optional[str], path) -> str:
     """The store holding the run that wrote the checkpoint (``uri``, else the one it was trained in)."""
     from mlflow.exceptions import MlflowException
@@ -63,22 +81,15 @@ def evaluate(checkpoint_path: str | Path, metrics_file: Optional[str | Path] = N
         raise ConfigError("checkpoint", f"trained on data {state['data_checksum']}, but the data here is {splits['checksum']}")
     model = build_model(cfg.model, cfg.data).to(dev)
     model.load_state_dict(state["engine"]["model"])
-    test = DeviceData(splits["test_x"], splits["test_y"], dev)
-    loss, acc, pred = evaluate_split(model, test, batch_size)
-    labels = test.y.cpu()
-    matrix = torch.bincount(labels * 10 + pred.cpu(), minlength=100).view(10, 10).numpy()
+    out_dir = Path(out_dir or (Path(metrics_file).parent if metrics_file else Path(checkpoint_path).parent))
     steps = state["step"]
+    metrics, image = test_result(model, DeviceData(splits["test_x"], splits["test_y"], dev), out_dir, batch_size)
+    run = RunLogger.start(store_of(state, tracking_uri, checkpoint_path), "", "", {}, run_id=state["run_id"])
+    log_test(run, metrics, image, steps)
+    run.close("FINISHED")
+    acc, loss = metrics["test/accuracy"], metrics["test/loss"]
     result = {"test/accuracy": acc, "test/loss": loss, "diverged": state.get("diverged_at_step") is not None,
               "run_id": state["run_id"], "steps": steps}
-    out_dir = Path(out_dir or (Path(metrics_file).parent if metrics_file else Path(checkpoint_path).parent))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    image = plots.confusion_matrix(matrix, out_dir / "confusion_matrix.png",
-                                   f"test confusion matrix (accuracy {acc:.4f})")
-    run = RunLogger.start(store_of(state, tracking_uri, checkpoint_path), "", "", {}, run_id=state["run_id"])
-    run.log_metrics({"test/accuracy": acc, "test/loss": loss if np.isfinite(loss) else float("nan")},
-                    step=steps, timestamp_ms=int(time.time() * 1000))
-    run.log_artifact(image, "plots")
-    run.close("FINISHED")
     if metrics_file:
         Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
         finite = lambda v: v if np.isfinite(v) else None  # noqa: E731 - strict JSON has no NaN

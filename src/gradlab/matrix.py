@@ -255,7 +255,6 @@ def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, 
             uri: str, workdir: str, threads: Optional[int] = None, resume: Optional[Path] = None) -> Dict:
     """Train + evaluate one combination (continuing from ``resume``, the checkpoint of an
     interrupted attempt); returns its record (never raises for a failed run)."""
-    from .evaluation import evaluate
     from .runs import train_child
 
     if threads:
@@ -271,13 +270,11 @@ def run_one(combo: Combination, spec_overrides: Sequence[str], experiment: str, 
         cfg, result = train_child([*combo.overrides, *spec_overrides], out_dir, parent_run_id, uri, experiment,
                                   run_name=f"{combo.scenario.name}-{combo.remedy.name}-s{combo.seed}",
                                   tags={"matrix": parent_run_id, "matrix/cell": combo.index, **combo.remedy.tags()},
-                                  resume=resume)
+                                  resume=resume, test=True)
         record.update(run_id=result.run_id, steps=result.steps, diverged=result.diverged,
                       diverged_at_step=result.diverged_at_step, explosion_step=result.explosion_step,
-                      val_accuracy=_finite(result.val_accuracy))
-        ev = evaluate(result.checkpoint, None, device=cfg.trainer.device, tracking_uri=uri, out_dir=out_dir)
-        record["test_accuracy"] = _finite(ev["test/accuracy"])
-        record["status"] = "FINISHED"
+                      val_accuracy=_finite(result.val_accuracy), test_accuracy=_finite(result.test_accuracy),
+                      status="FINISHED")
     except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the other runs
         record["status"] = "FAILED"
         record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]

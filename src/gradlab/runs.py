@@ -68,9 +68,10 @@ def child_config(overrides: Sequence[str], out_dir: Path, parent_run_id: str, ur
 
 def train_child(overrides: Sequence[str], out_dir: Path, parent_run_id: str, uri: str, experiment: str,
                 run_name: Optional[str] = None, tags: Optional[Dict[str, Any]] = None,
-                resume: Optional[Path] = None) -> Tuple[Any, Any]:
-    """Compose and train one child run; returns (config, TrainResult)."""
+                resume: Optional[Path] = None, test: bool = False) -> Tuple[Any, Any]:
+    """Compose and train one child run; returns (config, TrainResult). ``test``: the run logs its
+    test-set result itself (``TrainResult.test_accuracy``)."""
     from .training import train
 
     cfg = child_config(overrides, out_dir, parent_run_id, uri, experiment, run_name, tags, resume)
-    return cfg, train(cfg, Path(out_dir))
+    return cfg, train(cfg, Path(out_dir), test=test)

@@ -36,7 +36,7 @@ from .config import check
 from .errors import ConfigError, StorageError
 from .data import DeviceData, EpochOrder, load_splits
 from .engine import StepEngine
-from .evaluation import evaluate_split
+from .evaluation import evaluate_split, log_test, test_result
 from .foresight import Foresight
 from .forensics import Snapshots, explosion_onset, find_bad_step, investigate
 from .faults import fault_label
@@ -81,6 +81,7 @@ class TrainResult:
     seconds_per_step: float
     warning_step: Optional[int] = None
     rank: int = 0  # under torchrun: this process's rank (every rank returns the same record)
+    test_accuracy: Optional[float] = None  # Trainer(test=True): the test-set accuracy the run logged
 
 
 class DivergenceFlag:
@@ -154,7 +155,9 @@ def single_process_only(cfg):
 class Trainer:
     """One run: the data on the device, the step engine, and the loop that drives it."""
 
-    def __init__(self, cfg, output_dir: Path, parallel: Optional[distributed.Parallel] = None):
+    def __init__(self, cfg, output_dir: Path, parallel: Optional[distributed.Parallel] = None, test: bool = False):
+        """``test``: the run records its test-set result itself before it is closed (a matrix cell),
+        instead of ``src/evaluate.py`` reopening it from the checkpoint."""
         check(cfg)
         self.cfg, self.output_dir = cfg, Path(output_dir)
         if cfg.trainer.threads:
@@ -168,6 +171,8 @@ class Trainer:
         self.data_sizes = {k: len(splits[f"{k}_y"]) for k in ("train", "val", "test")}
         self.train_data = DeviceData(splits["train_x"], splits["train_y"], self.device)
         self.val_data = DeviceData(splits["val_x"], splits["val_y"], self.device)
+        self.test_split = (splits["test_x"], splits["test_y"]) if test else None
+        self.test_accuracy: Optional[float] = None
         self.order = EpochOrder(cfg.seed, len(self.train_data), cfg.trainer.batch_size)
         self.total_steps = self.order.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
         model = self.parallel.wrap(build_model(cfg.model, cfg.data).to(self.device), self.device)
@@ -409,6 +414,8 @@ class Trainer:
             self.log_model(run)
         plot_paths = self.plot(run.run_id, explosion) if cfg.telemetry.plots and h.steps and main else []
         record.log_end(run, h, summary, tags, plot_paths)
+        if self.test_split is not None and main:
+            self.test(run)
         if cfg.forensics.investigate and main:
             self.investigate(run, explosion)
         if self.system_metrics is not None:
@@ -419,7 +426,15 @@ class Trainer:
         warning = self.foresight.watch.warning
         return TrainResult(run.run_id, tracking_uri(cfg.tracking.uri), ckpt, len(h.steps), at is not None, at,
                            explosion.step, explosion.first_layer, self.last_val[1], summary["time/step_ms"] / 1000,
-                           warning.step if warning else None, self.parallel.rank)
+                           warning.step if warning else None, self.parallel.rank, self.test_accuracy)
+
+    def test(self, run: RunLogger) -> None:
+        """The final weights (those of the checkpoint) on the test set, logged as ``evaluate`` would."""
+        model = self.parallel.unwrap(self.engine.model)
+        test = DeviceData(*self.test_split, self.device)
+        metrics, image = test_result(model, test, self.output_dir)
+        log_test(run, metrics, image, len(self.history.steps))
+        self.test_accuracy = metrics["test/accuracy"]
 
     def summary(self, explosion: Explosion) -> tuple[dict, dict]:
         metrics, tags = record.summary(self.history, self.divergence.step, self.train_seconds, explosion)
@@ -545,10 +560,10 @@ def run_is_open(uri: str, run_id: str) -> bool:
         return False
 
 
-def train(cfg, output_dir: Path, overrides: Optional[Sequence[str]] = None) -> TrainResult:
+def train(cfg, output_dir: Path, overrides: Optional[Sequence[str]] = None, test: bool = False) -> TrainResult:
     """Train one run. With ``trainer.resume``, the config is the checkpoint's (gradlab.resume);
     ``overrides`` (the command line's) tell which of its keys the user set."""
     if cfg.trainer.resume:  # under torchrun rank 0 decides (an MLflow query for auto), every rank follows
         parallel, _ = distributed.start(cfg.trainer.strategy, cfg.trainer.device)
         cfg = parallel.from_main(lambda: resume_config(cfg, overrides))
-    return Trainer(cfg, output_dir).fit()
+    return Trainer(cfg, output_dir, test=test).fit()
