@@ -1,11 +1,12 @@
 """Matrix throughput with and without vectorized ensembles (issue 13 §5), side by side.
 
     python benchmarks/ensemble.py [--cells spike_bad_batch/clip explode_high_lr/none ...] [--seeds 0 1 2]
-                                  [--jobs 2] [--rounds 2] [--out reports/bench_ensemble.json] [-- overrides]
+                                  [--mode seeds|remedies] [--jobs 2] [--rounds 2] [--out reports/bench_ensemble.json]
+                                  [-- overrides]
 
 Each round runs the same small matrix twice, in alternating order (so drift on a shared machine hits
-both alike): ``ensemble: none`` (one job per run, as the default matrix) and ``ensemble: seeds``
-(one job per cell), with the default matrix's overrides (``trainer.deterministic=true
+both alike): ``ensemble: none`` (one job per run, as the default matrix) and ``ensemble: <mode>``
+(seeds: one job per cell; remedies: one job per scenario's stackable cells), with the default matrix's overrides (``trainer.deterministic=true
 trainer.threads=1``) and ``jobs`` worker processes, each into a fresh SQLite store. Throughput is
 runs per hour of matrix wall time (``gradlab.matrix.run_matrix``'s own ``wall_seconds``: training,
 evaluation, MLflow, plots; the store's creation is outside it); the
@@ -90,20 +91,21 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="worker processes, as the default matrix (2)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--mode", choices=["seeds", "remedies"], default="seeds", help="the ensemble mode against none")
     p.add_argument("--out", default="reports/bench_ensemble.json")
     a = p.parse_args(argv)
     warm_workers(a.jobs)
     rounds = []
     for r in range(a.rounds):
-        order = ["none", "seeds"] if r % 2 == 0 else ["seeds", "none"]
+        order = ["none", a.mode] if r % 2 == 0 else [a.mode, "none"]
         got = {mode: one(a.cells, a.seeds, mode, a.jobs, a.overrides) for mode in order}
-        got["ratio"] = got["seeds"]["runs_per_hour"] / got["none"]["runs_per_hour"]
+        got["ratio"] = got[a.mode]["runs_per_hour"] / got["none"]["runs_per_hour"]
         rounds.append(got)
         print(f"round {r + 1}: individual {got['none']['wall_s']:.1f}s ({got['none']['runs_per_hour']:.0f} runs/h), "
-              f"ensemble {got['seeds']['wall_s']:.1f}s ({got['seeds']['runs_per_hour']:.0f} runs/h): "
+              f"ensemble {got[a.mode]['wall_s']:.1f}s ({got[a.mode]['runs_per_hour']:.0f} runs/h): "
               f"{got['ratio']:.2f}x", file=sys.stderr)
     ratios = [g["ratio"] for g in rounds]
-    summary = {"cells": a.cells, "seeds": a.seeds, "jobs": a.jobs, "overrides": a.overrides,
+    summary = {"cells": a.cells, "seeds": a.seeds, "mode": a.mode, "jobs": a.jobs, "overrides": a.overrides,
                "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                "rounds": rounds}
     out = Path(a.out)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     runs = rounds[0]["none"]["runs"]
     print(f"| matrix of {runs} runs ({len(a.cells)} cells x {len(a.seeds)} seeds), jobs {a.jobs} | wall s | runs/hour |")
     print("|---|---|---|")
-    for mode, label in (("none", "individual runs"), ("seeds", "ensemble: seeds")):
+    for mode, label in (("none", "individual runs"), (a.mode, f"ensemble: {a.mode}")):
         walls = [g[mode]["wall_s"] for g in rounds]
         rph = [g[mode]["runs_per_hour"] for g in rounds]
         print(f"| {label} | {statistics.median(walls):.1f} ({min(walls):.1f}-{max(walls):.1f}) | "

@@ -8,6 +8,7 @@ Usage (DVC runs it without arguments):
   python pipelines/matrix.py --scenarios explode_rnn --stabilizers none clip "[warmup,clip]"   # the same, older name
   python pipelines/matrix.py --seeds 0 -- data=synthetic trainer.max_steps=8   # extra Hydra overrides (after --)
   python pipelines/matrix.py --ensemble seeds                  # each cell's seeds as one vectorized ensemble
+  python pipelines/matrix.py --ensemble remedies               # ... each scenario's stackable remedies and seeds
   python pipelines/matrix.py --executor local --jobs 2         # the cells as 2 submitit jobs on this machine
   python pipelines/matrix.py --executor slurm --jobs 40 --slurm partition=gpu --slurm gpus_per_node=1
 Writes reports/matrix_runs.json (parent run id + child run ids) for pipelines/compare.py.
@@ -53,8 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--remedies", "--stabilizers", nargs="+", dest="remedies",
                    help="every scenario runs these remedies (names of matrix.remedies, or stabilizer values)")
     p.add_argument("--seeds", nargs="+", type=int, help="replace matrix.seeds")
-    p.add_argument("--ensemble", choices=["none", "seeds"], help="seeds: each cell's seeds train as one vectorized "
-                                                                 "ensemble (default: matrix.ensemble)")
+    p.add_argument("--ensemble", choices=["none", "seeds", "remedies"],
+                   help="seeds: each cell's seeds train as one vectorized ensemble; remedies: per scenario, every "
+                        "remedy that keeps the model, data, batch and loss, with its seeds (default: matrix.ensemble)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     g = p.add_argument_group("cluster (submitit)")
     g.add_argument("--executor", choices=EXECUTORS, help="loop: this process (default: matrix.executor); local: "

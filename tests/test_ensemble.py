@@ -108,14 +108,57 @@ def test_what_cannot_be_stacked_says_why(tmp_path):
     assert unsupported(tiny_cfg(tmp_path)) is None
     assert "vmap" in unsupported(tiny_cfg(tmp_path, "model=rnn"))
     assert "batchnorm" in unsupported(tiny_cfg(tmp_path, "model.norm=batchnorm"))
-    with pytest.raises(ValueError, match="differ only in their seed"):
+    with pytest.raises(ValueError, match="must share the model"):
         Ensemble([tiny_cfg(tmp_path), tiny_cfg(tmp_path, "model.hidden_sizes=[16]")], [tmp_path / "a", tmp_path / "b"])
 
 
 def test_matrix_ensemble_key_is_checked():
     spec = spec_from_dict({"scenarios": ["explode_high_lr"], "ensemble": "seeds"})
     assert spec.ensemble == "seeds"
+    assert spec_from_dict({"scenarios": ["explode_high_lr"], "ensemble": "remedies"}).ensemble == "remedies"
     with pytest.raises(ConfigError, match="matrix.ensemble"):
         spec_from_dict({"scenarios": ["explode_high_lr"], "ensemble": "params"})
     with pytest.raises(ConfigError, match="matrix.ensemble"):
         spec_from_dict({"scenarios": ["explode_high_lr"], "ensemble": "seeds", "executor": "slurm"})
+
+
+# ---------------------------------------------------------------- ensemble: remedies (a scenario's stackable runs)
+REMEDY_SPEC = {
+    "experiment": "tiny-ensembles",
+    "remedies": {"lower_lr": ["optimizer.lr=0.02"], "residual": ["model.residual=true"]},
+    "scenarios": [{"name": "deep", "experiment": None, "remedies": ["none", "clip", "zclip", "lower_lr", "residual"],
+                   "overrides": ["model=deep_mlp", "model.depth=3", "model.width=32", "optimizer=sgd",
+                                 "optimizer.lr=0.1"]}],
+    "seeds": [0, 1],
+    "overrides": ["data=synthetic", "trainer.max_steps=12", "trainer.device=cpu", "trainer.deterministic=true",
+                  "telemetry.plots=false", "telemetry.log_every=5", "trainer.progress=false", "trainer.batch_size=32",
+                  "data.synthetic_size=512"]}
+
+
+def test_matrix_remedies_ensemble_stacks_a_scenarios_remedies_and_matches_individual_runs(tmp_path, monkeypatch):
+    """ensemble: remedies groups none, clip, zclip and lower_lr (stabilizers and an optimizer setting:
+    the same model) with their seeds into one 8-member ensemble; residual changes the model, so its
+    seeds are a unit of their own. Every record equals the individual matrix's (ensemble: none)."""
+    from gradlab.matrix import by_shapes, plan, run_matrix
+
+    monkeypatch.chdir(tmp_path)
+    spec = spec_from_dict({**REMEDY_SPEC, "ensemble": "remedies"})
+    combos, _ = plan(spec)
+    units = by_shapes(combos, spec.overrides)
+    assert [sorted({c.remedy.name for c in u}) for u in units] == [["clip", "lower_lr", "none", "zclip"], ["residual"]]
+    assert [len(u) for u in units] == [8, 2]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    together = run_matrix(spec, tmp_path / "together.json", uri=uri, log=lambda m: None)["runs"]
+    alone = run_matrix(spec_from_dict(REMEDY_SPEC), tmp_path / "alone.json", uri=uri, log=lambda m: None)["runs"]
+    assert [r["status"] for r in together] == ["FINISHED"] * 10
+    assert [r["ensemble"] for r in together] == [8] * 8 + [2] * 2
+    for a, b in zip(alone, together):
+        assert (a["remedy"], a["seed"], a["steps"], a["diverged"]) == (b["remedy"], b["seed"], b["steps"], b["diverged"])
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-6)
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+        ha = client(uri).get_metric_history(a["run_id"], "grad/norm")
+        hb = client(uri).get_metric_history(b["run_id"], "grad/norm")
+        assert close(np.array([m.value for m in ha]), np.array([m.value for m in hb])), a["remedy"]
+    # the remedies really differ inside the one ensemble: clip bounded the norm that none applied
+    after = {r["remedy"]: client(uri).get_run(r["run_id"]).data.metrics for r in together if r["seed"] == 0}
+    assert after["clip"]["clip_rate"] > 0 and after["none"]["clip_rate"] == 0

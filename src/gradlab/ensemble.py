@@ -66,7 +66,8 @@ def unsupported(cfg) -> Optional[str]:
 
 
 def shapes_key(cfg) -> tuple:
-    """Members must agree on everything but the seed that shapes the batched step."""
+    """What members must agree on: what shapes the batched step (the rest, seed, stabilizers,
+    optimizer, schedule, faults, is each member's own)."""
     from omegaconf import OmegaConf
 
     c = OmegaConf.to_container(cfg, resolve=True)
@@ -104,13 +105,14 @@ class Stack:
 
 
 class Ensemble:
-    """Trains ``cfgs`` (one cell's runs, differing in the seed) as one ensemble; ``fit`` returns
-    each member's TrainResult, in the order of ``cfgs``."""
+    """Trains ``cfgs`` (runs that agree on ``shapes_key``: a cell's seeds, or a scenario's remedies
+    that leave the model alone) as one ensemble; ``fit`` returns each member's TrainResult, in the
+    order of ``cfgs``."""
 
     def __init__(self, cfgs: Sequence[Any], output_dirs: Sequence[Path], test: bool = False):
         keys = {shapes_key(c) for c in cfgs}
         if len(keys) > 1:
-            raise ValueError("ensemble members must differ only in their seed (model, data, batch, loss differ)")
+            raise ValueError("ensemble members must share the model, data, batch size, device and loss (these differ)")
         for cfg in cfgs:
             reason = unsupported(cfg)
             if reason:

@@ -15,7 +15,7 @@ The matrix is defined under ``matrix:`` in ``params.yaml``::
       seeds: [0, 1, 2]
       overrides: [trainer.deterministic=true]   # Hydra overrides for every run
       jobs: 1                                   # parallel training processes
-      ensemble: none                            # seeds: each cell's seeds as one vmapped ensemble (gradlab.ensemble)
+      ensemble: none                            # seeds | remedies: vmapped ensembles (gradlab.ensemble)
 
 A remedy named in a list is one of ``matrix.remedies`` or a plain stabilizer value (``clip``,
 ``"[warmup,clip]"``: the override ``stabilizer=<value>``); the older ``stabilizers: [...]`` list
@@ -86,7 +86,7 @@ from .remedies import Remedy, define_all, overrides_list, resolve, stabilizer_re
 DEFAULT_EXPERIMENT = "gradlab-matrix"
 NONE = stabilizer_remedy("none")
 EXECUTORS = ("loop", "local", "slurm")  # local/slurm: gradlab.cluster
-ENSEMBLE_MODES = ("none", "seeds")  # matrix.ensemble (gradlab.ensemble)
+ENSEMBLE_MODES = ("none", "seeds", "remedies")  # matrix.ensemble (gradlab.ensemble)
 
 
 # ---------------------------------------------------------------- the matrix definition
@@ -121,7 +121,7 @@ class MatrixSpec:
     overrides: List[str] = field(default_factory=list)
     jobs: int = 1
     executor: str = "loop"  # loop (this process), or local / slurm: submitit jobs (gradlab.cluster)
-    ensemble: str = "none"  # seeds: each cell's seeds train as one vectorized ensemble (gradlab.ensemble)
+    ensemble: str = "none"  # seeds: a cell's seeds as one vectorized ensemble; remedies: per scenario
 
     def remedies_of(self, scenario: Scenario) -> List[Remedy]:
         return list(self.remedies.values()) if scenario.remedies is None else scenario.remedies
@@ -183,7 +183,8 @@ def spec_from_dict(d: Dict[str, Any]) -> MatrixSpec:
 
 
 def check_ensemble(value: Any, executor: str) -> str:
-    """``matrix.ensemble``: none, or seeds (each cell's seeds as one ensemble: gradlab.ensemble)."""
+    """``matrix.ensemble``: none; seeds (each cell's seeds as one ensemble: gradlab.ensemble); remedies
+    (per scenario, the seeds of every remedy that leaves the model, data, batch and loss alone)."""
     if value not in ENSEMBLE_MODES:
         raise ConfigError("matrix.ensemble", f"'{value}' is not one of {', '.join(ENSEMBLE_MODES)}")
     if value != "none" and executor != "loop":
@@ -328,8 +329,32 @@ def by_cell(combos: Sequence[Combination], spec_overrides: Sequence[str] = ()) -
     return units
 
 
+def by_shapes(combos: Sequence[Combination], spec_overrides: Sequence[str] = ()) -> List[List[Combination]]:
+    """``ensemble: remedies``: per scenario, the runs whose configs agree on what shapes the batched
+    step (gradlab.ensemble.shapes_key: model, data, batch size, device, loss) as one unit: the seeds
+    of every stabilizer, optimizer or schedule remedy train together with ``none``'s; a remedy that
+    changes the model or the batch is a unit of its own seeds; a cell that cannot be stacked runs
+    one unit per run. Largest units first, so the workers' shares come out even."""
+    from .ensemble import shapes_key, unsupported
+
+    keys: Dict[Tuple[str, str], Optional[tuple]] = {}
+    groups: Dict[tuple, List[Combination]] = {}
+    singles = []
+    for c in combos:
+        cell = (c.scenario.name, c.remedy.name)
+        if cell not in keys:
+            cfg = compose_config([*c.overrides, *spec_overrides])
+            keys[cell] = None if unsupported(cfg) else (c.scenario.name, shapes_key(cfg))
+        if keys[cell] is None:
+            singles.append([c])
+        else:
+            groups.setdefault(keys[cell], []).append(c)
+    return sorted(groups.values(), key=len, reverse=True) + singles
+
+
 def _run_cell_records(cell: List[Combination], *args) -> List[Dict]:
-    """A cell's seeds as one ensemble; a single run (a cell that cannot be stacked) alone."""
+    """A unit's runs (a cell's seeds, or a scenario's stackable remedies) as one ensemble; a single
+    run (a cell that cannot be stacked) alone."""
     from .ensemble import run_cell
 
     if len(cell) == 1:
@@ -340,10 +365,12 @@ def _run_cell_records(cell: List[Combination], *args) -> List[Dict]:
 def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[[Dict], None],
               ensemble: str = "none") -> List[Dict]:
     """The in-process loop (``jobs`` > 1: joblib worker processes on this machine); with
-    ``ensemble=seeds`` a unit of work is a cell's seeds (gradlab.ensemble.run_cell)."""
+    ``ensemble=seeds`` a unit of work is a cell's seeds, with ``remedies`` a scenario's stackable
+    runs (gradlab.ensemble.run_cell)."""
     records: List[Dict] = []
-    units = by_cell(combos, args[0]) if ensemble == "seeds" else [[c] for c in combos]
-    work = _run_cell_records if ensemble == "seeds" else _run_one_list
+    grouping = {"seeds": by_cell, "remedies": by_shapes}.get(ensemble)
+    units = grouping(combos, args[0]) if grouping else [[c] for c in combos]
+    work = _run_cell_records if grouping else _run_one_list
     with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
         if jobs == 1:
             for unit in units:
