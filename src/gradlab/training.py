@@ -171,6 +171,9 @@ class Trainer:
         self.data_sizes = {k: len(splits[f"{k}_y"]) for k in ("train", "val", "test")}
         self.train_data = DeviceData(splits["train_x"], splits["train_y"], self.device)
         self.val_data = DeviceData(splits["val_x"], splits["val_y"], self.device)
+        if test and self.parallel.active:
+            raise ValueError("Trainer(test=True) is for single-process runs (matrix cells): evaluate a torchrun "
+                             "run's checkpoint with src/evaluate.py")
         self.test_split = (splits["test_x"], splits["test_y"]) if test else None
         self.test_accuracy: Optional[float] = None
         self.order = EpochOrder(cfg.seed, len(self.train_data), cfg.trainer.batch_size)
