@@ -139,14 +139,16 @@ def test_matrix_remedies_ensemble_stacks_a_scenarios_remedies_and_matches_indivi
     """ensemble: remedies groups none, clip, zclip and lower_lr (stabilizers and an optimizer setting:
     the same model) with their seeds into one 8-member ensemble; residual changes the model, so its
     seeds are a unit of their own. Every record equals the individual matrix's (ensemble: none)."""
-    from gradlab.matrix import by_shapes, plan, run_matrix
+    from gradlab.matrix import ensemble_units, plan, run_matrix
 
     monkeypatch.chdir(tmp_path)
     spec = spec_from_dict({**REMEDY_SPEC, "ensemble": "remedies"})
     combos, _ = plan(spec)
-    units = by_shapes(combos, spec.overrides)
+    units = ensemble_units(combos, spec.overrides, "remedies")
     assert [sorted({c.remedy.name for c in u}) for u in units] == [["clip", "lower_lr", "none", "zclip"], ["residual"]]
     assert [len(u) for u in units] == [8, 2]
+    assert [{c.remedy.name for c in u} for u in ensemble_units(combos, spec.overrides, "seeds")] == \
+        [{"none"}, {"clip"}, {"zclip"}, {"lower_lr"}, {"residual"}]  # seeds: a cell's seeds, 2 each
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     together = run_matrix(spec, tmp_path / "together.json", uri=uri, log=lambda m: None)["runs"]
     alone = run_matrix(spec_from_dict(REMEDY_SPEC), tmp_path / "alone.json", uri=uri, log=lambda m: None)["runs"]

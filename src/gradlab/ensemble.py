@@ -264,10 +264,11 @@ def _finite(x: Optional[float]) -> Optional[float]:
 
 def run_cell(combos: Sequence[Any], spec_overrides: Sequence[str], experiment: str, parent_run_id: str, uri: str,
              workdir: str, threads: Optional[int] = None) -> List[Dict]:
-    """The seeds of one matrix cell (``gradlab.matrix.Combination``s) as one ensemble, each member
-    logging its test-set result before its run closes; the same records as ``gradlab.matrix.run_one`` gives, one per seed.
-    A cell that cannot be stacked (``unsupported``) runs its seeds one at a time, as without
-    ``matrix.ensemble``; its records say why (``ensemble``). Never raises for a failed run."""
+    """One unit of a matrix (``gradlab.matrix.Combination``s: a cell's seeds, or a scenario's stackable
+    remedies) as one ensemble, each member logging its test-set result before its run closes; the
+    same records as ``gradlab.matrix.run_one`` gives, one per run. Runs that cannot be stacked
+    (``unsupported``) train one at a time, as without ``matrix.ensemble``; their records say why
+    (``ensemble``). Never raises for a failed run."""
     from .matrix import run_one
     from .runs import child_config
 
@@ -282,7 +283,7 @@ def run_cell(combos: Sequence[Any], spec_overrides: Sequence[str], experiment: s
                              run_name=f"{c.scenario.name}-{c.remedy.name}-s{c.seed}",
                              tags={"matrix": parent_run_id, "matrix/cell": c.index, **c.remedy.tags()})
                 for c, rec, out in zip(combos, records, out_dirs)]
-        reason = unsupported(cfgs[0]) if len(cfgs) > 1 else "one seed"
+        reason = unsupported(cfgs[0]) if len(cfgs) > 1 else "one run"
     except Exception as exc:  # noqa: BLE001 - a config error: run_one records it per run
         cfgs, reason = [], f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     if reason:

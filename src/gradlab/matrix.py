@@ -311,40 +311,24 @@ def _log_not_applicable(parent, cells: List[Dict]) -> None:
         parent.logger.log_artifact(path, "matrix")
 
 
-def by_cell(combos: Sequence[Combination], spec_overrides: Sequence[str] = ()) -> List[List[Combination]]:
-    """The seeds of each scenario x remedy cell together, in the matrix's order; a cell whose runs
-    cannot be stacked (gradlab.ensemble.unsupported: the RNNs, the transformer) stays one unit
-    per run, so the workers still share its runs out."""
-    from .ensemble import unsupported
-
-    cells: Dict[Tuple[str, str], List[Combination]] = {}
-    for c in combos:
-        cells.setdefault((c.scenario.name, c.remedy.name), []).append(c)
-    units = []
-    for cell in cells.values():
-        if len(cell) > 1 and unsupported(compose_config([*cell[0].overrides, *spec_overrides])) is None:
-            units.append(cell)
-        else:
-            units += [[c] for c in cell]
-    return units
-
-
-def by_shapes(combos: Sequence[Combination], spec_overrides: Sequence[str] = ()) -> List[List[Combination]]:
-    """``ensemble: remedies``: per scenario, the runs whose configs agree on what shapes the batched
-    step (gradlab.ensemble.shapes_key: model, data, batch size, device, loss) as one unit: the seeds
-    of every stabilizer, optimizer or schedule remedy train together with ``none``'s; a remedy that
-    changes the model or the batch is a unit of its own seeds; a cell that cannot be stacked runs
-    one unit per run. Largest units first, so the workers' shares come out even."""
+def ensemble_units(combos: Sequence[Combination], spec_overrides: Sequence[str], mode: str) -> List[List[Combination]]:
+    """The matrix's units of work as ensembles (gradlab.ensemble.run_cell). ``seeds``: each scenario x
+    remedy cell's seeds; ``remedies``: per scenario, the runs whose configs agree on what shapes the
+    batched step (gradlab.ensemble.shapes_key: model, data, batch size, device, loss), so the seeds
+    of every stabilizer, optimizer or schedule remedy train with ``none``'s and a remedy that
+    changes the model or the batch is a unit of its own seeds. A cell that cannot be stacked
+    (gradlab.ensemble.unsupported: the RNNs, the transformer) runs one unit per run, so the workers
+    still share its runs out. Largest units first, so the workers' shares come out even."""
     from .ensemble import shapes_key, unsupported
 
-    keys: Dict[Tuple[str, str], Optional[tuple]] = {}
+    keys: Dict[Tuple[str, str], Optional[tuple]] = {}  # per cell (composed once): its group, None: unstackable
     groups: Dict[tuple, List[Combination]] = {}
     singles = []
     for c in combos:
         cell = (c.scenario.name, c.remedy.name)
         if cell not in keys:
             cfg = compose_config([*c.overrides, *spec_overrides])
-            keys[cell] = None if unsupported(cfg) else (c.scenario.name, shapes_key(cfg))
+            keys[cell] = None if unsupported(cfg) else cell if mode == "seeds" else (c.scenario.name, shapes_key(cfg))
         if keys[cell] is None:
             singles.append([c])
         else:
@@ -368,9 +352,9 @@ def _run_here(combos: List[Combination], args: tuple, jobs: int, show: Callable[
     ``ensemble=seeds`` a unit of work is a cell's seeds, with ``remedies`` a scenario's stackable
     runs (gradlab.ensemble.run_cell)."""
     records: List[Dict] = []
-    grouping = {"seeds": by_cell, "remedies": by_shapes}.get(ensemble)
-    units = grouping(combos, args[0]) if grouping else [[c] for c in combos]
-    work = _run_cell_records if grouping else _run_one_list
+    stacked = ensemble != "none"
+    units = ensemble_units(combos, args[0], ensemble) if stacked else [[c] for c in combos]
+    work = _run_cell_records if stacked else _run_one_list
     with tempfile.TemporaryDirectory(prefix="gradlab-matrix-") as workdir:
         if jobs == 1:
             for unit in units:
@@ -393,21 +377,16 @@ def _run_one_list(unit: List[Combination], *args) -> List[Dict]:
     return [run_one(unit[0], *args)]
 
 
-_FROZEN = False  # whether this worker process has frozen its long-lived objects
-
-
 def _in_worker(work: Callable[..., List[Dict]], unit: List[Combination], *args) -> List[Dict]:
     """``work`` in a joblib worker; after the worker's first unit, everything alive (modules, torch,
     MLflow, matplotlib, the data cache: ~700k objects) leaves the garbage collector's scans
     (``gc.freeze``). Each full collection scanned them all, ~0.35 s every few runs of a matrix;
     frozen, it scans what the runs allocate (0.01-0.03 s). Not in the caller's own process
     (``jobs: 1``), which may hold objects that must still be collected."""
-    global _FROZEN
     records = work(unit, *args)
-    if not _FROZEN:
+    if gc.get_freeze_count() == 0:
         gc.collect()
         gc.freeze()
-        _FROZEN = True
     return records
 
 

@@ -163,6 +163,9 @@ class Trainer:
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         self.parallel, self.device = distributed.start(cfg.trainer.strategy, cfg.trainer.device)
+        if test and self.parallel.active:
+            raise ValueError("Trainer(test=True) is for single-process runs (matrix cells): evaluate a torchrun "
+                             "run's checkpoint with src/evaluate.py")
         if self.parallel.active:
             cfg = self.cfg = single_process_only(cfg)
         seed_everything(cfg.seed, cfg.trainer.deterministic)
@@ -171,9 +174,6 @@ class Trainer:
         self.data_sizes = {k: len(splits[f"{k}_y"]) for k in ("train", "val", "test")}
         self.train_data = DeviceData(splits["train_x"], splits["train_y"], self.device)
         self.val_data = DeviceData(splits["val_x"], splits["val_y"], self.device)
-        if test and self.parallel.active:
-            raise ValueError("Trainer(test=True) is for single-process runs (matrix cells): evaluate a torchrun "
-                             "run's checkpoint with src/evaluate.py")
         self.test_split = (splits["test_x"], splits["test_y"]) if test else None
         self.test_accuracy: Optional[float] = None
         self.order = EpochOrder(cfg.seed, len(self.train_data), cfg.trainer.batch_size)
@@ -417,7 +417,7 @@ class Trainer:
             self.log_model(run)
         plot_paths = self.plot(run.run_id, explosion) if cfg.telemetry.plots and h.steps and main else []
         record.log_end(run, h, summary, tags, plot_paths)
-        if self.test_split is not None and main:
+        if self.test_split is not None:  # single-process only (__init__)
             self.test(run)
         if cfg.forensics.investigate and main:
             self.investigate(run, explosion)
